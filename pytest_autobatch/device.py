@@ -1,0 +1,76 @@
+"""What every device offers the search, the plugin and the reports, and how a device is named.
+
+A device turns (model, example input, mode) into a Workload that can be probed for memory and
+measured for throughput at any batch size. Devices: ``sim:PROFILE`` (pure Python, no torch),
+``cpu`` and ``cuda[:N]`` (torch, imported only when such a device is asked for).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .errors import ConfigError
+
+MODES = ("inference", "train", "generate")
+
+
+class Workload(Protocol):
+    """One model running one kind of work, runnable at any batch size."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the model and workload: architecture, parameter shapes, dtype, input shape, mode."""
+
+    def predict_peak_bytes(self, batch: int) -> int | None:
+        """Peak memory predicted without running (fake tensors / analytic model); None if unknown."""
+
+    def probe(self, batch: int) -> int:
+        """Run once at ``batch``; return peak memory in bytes; raise an OOM error when it does not fit."""
+
+    def measure(self, batch: int) -> list[float]:
+        """Raw throughput samples in samples per second at ``batch`` (one per timed block)."""
+
+    def extras(self, batch: int) -> dict[str, Any]:
+        """Optional figures at ``batch`` (energy per sample, FLOPs per sample, ...); {} when none."""
+
+    def close(self) -> None:
+        """Release what the workload holds (models, cached memory)."""
+
+
+class Device(Protocol):
+    name: str
+
+    def hardware(self) -> dict[str, Any]:
+        """JSON-serialisable hardware fingerprint (GPU name, memory, driver, versions...)."""
+
+    def hardware_key(self) -> str:
+        """Short, stable, filesystem-safe key for the baselines of this hardware."""
+
+    def capacity_bytes(self) -> int | None:
+        """Memory the search may use (free device memory, or the CPU budget)."""
+
+    def workload(self, model: Any, example_input: Any = None, *, mode: str = "inference",
+                 **options: Any) -> Workload:
+        """Prepare ``model`` for probing and measuring."""
+
+
+def parse_device_name(spec: str) -> str:
+    """Normalise a device spec ("auto", "cpu", "cuda", "cuda:N", "sim:PROFILE") or raise ConfigError."""
+    text = (spec or "auto").strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return text
+    if text.startswith("sim:") and text[4:]:
+        return text
+    raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or sim:PROFILE "
+                      f"(e.g. sim:h100)")
+
+
+def get_device(spec: str = "auto", *, memory_budget: int | None = None) -> Device:
+    """The device for ``spec``; torch is imported only for cpu/cuda/auto."""
+    name = parse_device_name(spec)
+    if name.startswith("sim:"):
+        from .simulate import simulated_device
+        return simulated_device(name)
+    from .torch_device import torch_device
+    return torch_device(name, memory_budget=memory_budget)
