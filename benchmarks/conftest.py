@@ -1,0 +1,46 @@
+"""Settings of the main job (``pytest --autobatch benchmarks/``) when it runs on the CPU.
+
+- A 1 GiB memory budget. The CPU device's default budget, a quarter of RAM, is far more than the
+  CPU-sized zoo models use below their caps, so every maximum safe batch would be the cap. Under
+  1 GiB the training step runs into the budget as it would into GPU memory, and the search finds
+  its maximum by memory, with the OOM handling that goes with it.
+- A 25% throughput tolerance for the gate. A shared virtual CPU drifts between runs far more than
+  a GPU: on the 2-core VM these baselines were recorded on, ResNet-50 at batch 32 measured
+  470 samples/s in one run and 280-345 samples/s a few minutes later, with nothing else running
+  in the VM.
+
+An option given on the command line or in the ini file wins; GPUs keep the plugin's defaults.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+CPU_DEFAULTS = {"autobatch_memory_budget": "1GiB", "autobatch_tolerance": "25%"}
+
+
+def _option(config: pytest.Config, name: str) -> object:
+    """A pytest-autobatch option from the command line, else the ini file, else None."""
+    value = config.getoption(name, default=None)
+    return value if value not in (None, "") else (config.getini(name) or None)
+
+
+def _searches_on_cpu(config: pytest.Config) -> bool:
+    from pytest_autobatch.device import parse_device_name
+    device = parse_device_name(str(_option(config, "autobatch_device") or "auto"))
+    if device != "auto":
+        return device == "cpu"
+    import torch   # the CPU and CUDA devices import it anyway
+    return not torch.cuda.is_available()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Runs before pytest-autobatch reads its options (tryfirst), so the defaults reach it."""
+    if not _option(config, "autobatch") or not _searches_on_cpu(config):
+        return
+    from pytest_autobatch.plugin import parse_fraction, parse_size
+    parsers = {"autobatch_memory_budget": parse_size, "autobatch_tolerance": parse_fraction}
+    for name, value in CPU_DEFAULTS.items():
+        if _option(config, name) is None:
+            setattr(config.option, name, parsers[name](value))

@@ -1,0 +1,136 @@
+"""Hardware fingerprints: what the baselines are keyed by, and the peak rates utilisation is judged against."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from typing import Any
+
+#: Share of physical memory the CPU device may use when no budget is given.
+DEFAULT_CPU_BUDGET_SHARE = 0.25
+
+#: Dense peak TFLOP/s by GPU name word(s) and compute dtype (vendor datasheets, no sparsity).
+#: "tf32" is used for float32 when TF32 matmuls are enabled. More specific fragments come first.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("h100 pcie", {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.0}),
+    ("h100", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),
+    ("h200", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),
+    ("a100", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}),
+    ("l40s", {"bfloat16": 362.0, "float16": 362.0, "tf32": 183.0, "float32": 91.6}),
+    ("l4", {"bfloat16": 121.0, "float16": 121.0, "tf32": 60.0, "float32": 30.3}),
+    ("a10", {"bfloat16": 125.0, "float16": 125.0, "tf32": 62.5, "float32": 31.2}),
+    ("v100", {"float16": 125.0, "float32": 15.7}),
+    ("t4", {"float16": 65.0, "float32": 8.1}),
+)
+
+
+def slug(text: str) -> str:
+    """Lower-case, filesystem-safe: letters, digits and single dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _meminfo_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_limit_bytes() -> int | None:
+    """The container's memory limit (cgroup v2 or v1), which /proc/meminfo does not show."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
+def physical_memory_bytes() -> int | None:
+    """RAM this process can use: the machine's, or the container's limit when lower."""
+    limits = [value for value in (_meminfo_total_bytes(), _cgroup_limit_bytes()) if value]
+    return min(limits) if limits else None
+
+
+def default_cpu_budget_bytes() -> int:
+    """A quarter of RAM: room for the model's peak while pytest, the OS and other tests keep theirs."""
+    total = physical_memory_bytes()
+    return int(total * DEFAULT_CPU_BUDGET_SHARE) if total else 2 * 1024 ** 3
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def usable_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_hardware(budget_bytes: int) -> dict[str, Any]:
+    import torch
+    return {
+        "device": "cpu",
+        "name": cpu_model_name(),
+        "machine": platform.machine(),
+        "cpus": usable_cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "total_memory_bytes": physical_memory_bytes(),
+        "memory_budget_bytes": budget_bytes,
+        "torch": torch.__version__,
+    }
+
+
+def cuda_hardware(index: int, nvml_info: dict[str, Any]) -> dict[str, Any]:
+    """GPU name, memory, compute capability, driver (from NVML), CUDA and torch versions."""
+    import torch
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "device": f"cuda:{index}",
+        "name": props.name,
+        "total_memory_bytes": int(props.total_memory),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "multiprocessors": int(props.multi_processor_count),
+        "driver": nvml_info.get("driver_version"),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "nvml": nvml_info,
+    }
+
+
+def hardware_key(info: dict[str, Any]) -> str:
+    """"nvidia-h100-80gb-hbm3-79gib" or "cpu-amd-epyc-7r13-processor-2cpus": stable per hardware kind."""
+    if info["device"] == "cpu":
+        return f"cpu-{slug(info['name'])}-{info['cpus']}cpus"
+    gib = round(info["total_memory_bytes"] / 1024 ** 3)
+    return f"{slug(info['name'])}-{gib}gib"
+
+
+def peak_tflops(gpu_name: str, dtype_name: str, *, tf32: bool = False) -> float | None:
+    """The GPU's dense peak for ``dtype_name`` ("bfloat16", "float32", ...); None when unknown."""
+    lowered = gpu_name.lower()
+    key = "tf32" if dtype_name == "float32" and tf32 else dtype_name
+    for fragment, peaks in PEAK_TFLOPS:
+        if re.search(rf"\b{fragment}\b", lowered):
+            return peaks.get(key)
+    return None

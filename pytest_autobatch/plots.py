@@ -1,0 +1,121 @@
+"""PNG plots of the stored baselines: throughput, latency and memory against batch size.
+
+One figure per model and device, with the optimal and the maximum safe batch marked. Uses
+matplotlib's object API (no pyplot, no global backend change); matplotlib is imported only here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import MissingDependency
+from .report_md import Result, format_max_batch
+
+PLOTS_DIR = "plots"
+OPTIMAL_STYLE = {"color": "tab:green", "linestyle": "--", "linewidth": 1.5}
+MAX_STYLE = {"color": "tab:red", "linestyle": ":", "linewidth": 1.8}
+
+
+def _figure_class() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependency("matplotlib", "report", "Plotting the baselines") from exc
+    return Figure
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def _memory_unit(values: list[float]) -> tuple[str, float]:
+    return ("GiB", 2**30) if max(values, default=0) >= 2 * 2**30 else ("MiB", 2**20)
+
+
+def _mark_batches(axis: Any, entry: dict[str, Any]) -> None:
+    """Vertical lines at the optimal and the maximum safe batch."""
+    if entry.get("optimal_batch"):
+        axis.axvline(entry["optimal_batch"], label=f"optimal batch {entry['optimal_batch']}",
+                     **OPTIMAL_STYLE)
+    if entry.get("max_batch"):
+        axis.axvline(entry["max_batch"], label=f"max safe batch {format_max_batch(entry)}",
+                     **MAX_STYLE)
+
+
+def _setup_axis(axis: Any, title: str, ylabel: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel("batch size")
+    axis.set_ylabel(ylabel)
+    axis.set_xscale("log", base=2)
+    axis.xaxis.set_major_formatter(lambda value, _position: f"{value:g}")
+    axis.grid(True, which="major", alpha=0.3)
+
+
+def plot_entry(result: Result, path: Path) -> Path:
+    """Draw one model on one device into ``path`` (PNG)."""
+    entry = result.entry
+    probes = sorted(entry.get("probes") or [], key=lambda p: p["batch"])
+    timed = [p for p in probes if p.get("throughput")]
+    fitted = [p for p in probes if p.get("outcome") == "ok" and p.get("peak_bytes")]
+    predicted = [p for p in probes if p.get("predicted_bytes")]
+    failed = [p for p in probes if p.get("outcome") == "oom"]
+    capacity = entry.get("capacity_bytes")
+
+    figure = _figure_class()(figsize=(16, 5), layout="constrained")
+    throughput_axis, latency_axis, memory_axis = figure.subplots(1, 3)
+
+    _setup_axis(throughput_axis, "Throughput", "throughput (samples/s)")
+    throughput_axis.plot([p["batch"] for p in timed], [p["throughput"] for p in timed],
+                         "o-", color="tab:blue", label="measured (median)")
+    throughput_axis.set_ylim(bottom=0)
+
+    _setup_axis(latency_axis, "Latency of one batch", "latency (ms)")
+    latency_axis.plot([p["batch"] for p in timed],
+                      [1000 * (p.get("latency_s") or p["batch"] / p["throughput"]) for p in timed],
+                      "o-", color="tab:purple", label="measured (median)")
+    latency_axis.set_ylim(bottom=0)
+
+    memory_values = [p["peak_bytes"] for p in fitted] + [p["predicted_bytes"] for p in predicted]
+    unit, scale = _memory_unit(memory_values + ([capacity] if capacity else []))
+    _setup_axis(memory_axis, "Peak memory", f"peak memory ({unit})")
+    memory_axis.plot([p["batch"] for p in fitted], [p["peak_bytes"] / scale for p in fitted],
+                     "o-", color="tab:orange", label="measured")
+    if predicted:
+        memory_axis.plot([p["batch"] for p in predicted],
+                         [p["predicted_bytes"] / scale for p in predicted],
+                         "s", color="tab:gray", fillstyle="none", markersize=8, label="predicted")
+    if capacity:
+        memory_axis.axhline(capacity / scale, color="black", linewidth=1,
+                            label=f"memory limit {capacity / scale:,.1f} {unit}")
+    if failed:
+        oom_level = (capacity or max(memory_values, default=0)) / scale
+        memory_axis.plot([p["batch"] for p in failed], [oom_level] * len(failed), "x",
+                         color="tab:red", markersize=12, markeredgewidth=3, label="out of memory")
+    memory_axis.set_ylim(bottom=0)
+
+    for axis in (throughput_axis, latency_axis, memory_axis):
+        _mark_batches(axis, entry)
+        axis.legend(fontsize="small", loc="best")
+    name = result.hardware.get("name")
+    figure.suptitle(f"{result.label} on {result.hardware_key}" + (f" · {name}" if name else ""),
+                    fontsize="x-large")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    return path
+
+
+def write_plots(results: list[Result], out_dir: Path) -> dict[tuple[str, str], Path]:
+    """One PNG per result under ``out_dir/plots/``, named after the device and the model."""
+    _figure_class()
+    written: dict[tuple[str, str], Path] = {}
+    used_names: set[str] = set()
+    for result in results:
+        name = _slug(f"{result.hardware_key}--{result.label}")
+        if name in used_names:
+            name = _slug(f"{result.hardware_key}--{result.module}--{result.key}")
+        used_names.add(name)
+        written[(result.hardware_key, result.key)] = plot_entry(
+            result, Path(out_dir) / PLOTS_DIR / f"{name}.png")
+    return written

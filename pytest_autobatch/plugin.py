@@ -1,0 +1,514 @@
+"""pytest hooks, options and fixtures of pytest-autobatch.
+
+Thin by design: options become a ``session.Settings``; the ``optimal_batch`` fixture asks an
+``AutobatchSession`` (plain Python) for results and turns gate findings into test failures.
+Without ``--autobatch`` nothing beyond the standard library and pytest is imported, and tests that
+use the fixtures or the ``autobatch`` marker are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+FIXTURES = ("optimal_batch", "autobatch_device")
+MARKER = "autobatch"
+MARKER_TARGETS = ("min_speedup", "max_latency_s", "min_throughput", "max_memory_bytes")
+SKIP_REASON = "benchmark test: run it with pytest --autobatch"
+USER_PROPERTY = "autobatch"
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that turns our ConfigError into a usage error."""
+    def convert(text: str) -> Any:
+        from .errors import ConfigError
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def parse_fraction(text: str) -> float:
+    """"10%" or "0.1" -> 0.1; a fraction in [0, 1)."""
+    from .errors import ConfigError
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise ConfigError(f"{text!r} is not a tolerance: use a percentage such as 10% or a fraction "
+                          f"such as 0.1 (at least 0, below 100%)")
+    return value
+
+
+def parse_device(text: str) -> str:
+    from .device import parse_device_name
+    return parse_device_name(text)
+
+
+def parse_size(text: str) -> int:
+    from .units import parse_size as parse
+    return parse(text)
+
+
+# (flag, dest == ini name, parse or None for a flag, default, help)
+_OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
+    ("--autobatch", "autobatch", None, False,
+     "run benchmark tests (those using optimal_batch or marked autobatch); skipped otherwise"),
+    ("--autobatch-device", "autobatch_device", parse_device, "auto",
+     "device to search on: auto (CUDA if available, else CPU), cuda, cuda:N, cpu or sim:PROFILE"),
+    ("--autobatch-update", "autobatch_update", None, False,
+     "search again and rewrite the baselines of the tests that run; remove unused entries"),
+    ("--autobatch-baselines", "autobatch_baselines", str, "baselines",
+     "directory of the baseline JSON files (default: baselines/ at the rootdir)"),
+    ("--autobatch-tolerance", "autobatch_tolerance", parse_fraction, 0.10,
+     "throughput drop that fails the gate when significant, e.g. 10%% or 0.1 (default 10%%)"),
+    ("--autobatch-memory-tolerance", "autobatch_memory_tolerance", parse_fraction, 0.10,
+     "peak-memory growth at the stored optimal batch that fails the gate (default 10%%)"),
+    ("--autobatch-strict", "autobatch_strict", None, False,
+     "fail a benchmark test whose baseline is missing instead of recording it"),
+    ("--autobatch-memory-budget", "autobatch_memory_budget", parse_size, None,
+     "memory the cpu device may use, e.g. 8GiB (default: a share of RAM)"),
+    ("--autobatch-report", "autobatch_report", str, None,
+     "at the end of the session, write the Markdown report and PNG plots of the baselines to DIR"),
+)
+
+
+_METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_size: "SIZE"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("autobatch", "batch-size search and throughput regression gate (pytest-autobatch)")
+    for flag, dest, parse, default, help_text in _OPTIONS:
+        ini_help = help_text.replace("%%", "%")
+        if parse is None:
+            group.addoption(flag, action="store_true", default=None, dest=dest, help=help_text)
+            parser.addini(dest, ini_help, type="bool", default=default)
+        else:
+            group.addoption(flag, action="store", default=None, dest=dest, metavar=_METAVARS[parse],
+                            type=_argument_type(parse), help=help_text)
+            parser.addini(dest, ini_help, type="string", default="")
+
+
+def _option(config: pytest.Config, dest: str, parse: Callable[[str], Any] | None, default: Any) -> Any:
+    """The command-line value, else the ini value (validated the same way), else the default."""
+    value = config.getoption(dest)
+    if value is not None:
+        return value
+    raw = config.getini(dest)
+    if parse is None:
+        return bool(raw)
+    if raw in ("", None):
+        return default
+    try:
+        return _argument_type(parse)(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise pytest.UsageError(f"ini option {dest} = {raw!r}: {exc}") from None
+
+
+def _settings(config: pytest.Config) -> tuple[bool, Any]:
+    """(enabled, Settings); every value is validated, Settings is only built when enabled."""
+    values = {dest: _option(config, dest, parse, default) for _, dest, parse, default, _ in _OPTIONS}
+    if not values["autobatch"]:
+        return False, None
+    from .session import Settings
+    folder = Path(values["autobatch_baselines"])
+    if config.getoption("autobatch_baselines") is not None:
+        base = config.invocation_params.dir
+    else:
+        base = config.inipath.parent if config.getini("autobatch_baselines") and config.inipath else config.rootpath
+    return True, Settings(baselines=base / folder, device=values["autobatch_device"],
+                          update=values["autobatch_update"], strict=values["autobatch_strict"],
+                          tolerance=values["autobatch_tolerance"],
+                          memory_tolerance=values["autobatch_memory_tolerance"],
+                          memory_budget=values["autobatch_memory_budget"])
+
+
+class _Run:
+    """What the controller (or a run without xdist) gathers for the summary and unused detection."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, Any]] = {}
+        self.collected: set[str] = set()       # every collected node id, deselected ones too
+        self.selected_modules: set[str] = set()
+        self.finished: set[str] = set()        # node ids whose call passed
+        self.unused: dict[str, list[str]] = {}  # baseline path -> unused entry keys
+        self.unused_removed = False
+
+    def merge(self, worker_output: dict[str, Any]) -> None:
+        self.collected.update(worker_output.get("collected", ()))
+        self.selected_modules.update(worker_output.get("selected_modules", ()))
+
+
+class _State:
+    """The plugin's state for one pytest process, kept on ``config.stash``."""
+
+    def __init__(self, config: pytest.Config, enabled: bool, settings: Any):
+        self.config = config
+        self.enabled = enabled
+        self.settings = settings
+        self.current_item: pytest.Item | None = None
+        self.run_record = _Run()
+        self._session: Any = None
+        self._live = False
+
+    @property
+    def is_worker(self) -> bool:
+        return hasattr(self.config, "workerinput")
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            from .session import AutobatchSession
+            self._session = AutobatchSession(self.settings, progress=self.progress)
+        return self._session
+
+    def _terminal(self) -> Any:
+        if self.is_worker or self.config.get_verbosity() < 0:
+            return None
+        return self.config.pluginmanager.get_plugin("terminalreporter")
+
+    def _write(self, action: Callable[[Any], None]) -> None:
+        terminal = self._terminal()
+        if terminal is None:
+            return
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if capture is None:
+            action(terminal)
+            return
+        with capture.global_and_fixture_disabled():
+            action(terminal)
+
+    def progress(self, text: str) -> None:
+        """A live line while a search runs: rewritten in place on a terminal, lines with -v elsewhere."""
+        def show(terminal: Any) -> None:
+            if terminal.isatty():
+                if not self._live:
+                    terminal.ensure_newline()
+                terminal.rewrite(f"autobatch: {text}", erase=True)
+                self._live = True
+            elif self.config.get_verbosity() > 0:
+                terminal.write_line(f"autobatch: {text}")
+        self._write(show)
+
+    def end_progress(self, text: str) -> None:
+        if self._live:
+            self._write(lambda terminal: terminal.rewrite(f"autobatch: {text}", erase=True))
+            self._live = False
+
+    def run(self, model: Any, example_input: Any, **options: Any) -> Any:
+        from .errors import AutobatchError
+        if not self.enabled:
+            pytest.skip(SKIP_REASON)
+        item = self.current_item
+        nodeid = item.nodeid if item is not None else "session"
+        result, error = None, None
+        try:
+            result = self.session.run(nodeid, model, example_input, **options)
+        except AutobatchError as exc:
+            error = f"autobatch: {exc}"
+        finally:
+            self.end_progress(_outcome(result))
+        if error is not None:
+            pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
+        summary = result.as_summary()
+        if item is not None:
+            item.user_properties.append((USER_PROPERTY, summary))
+            benchmark = getattr(item, "funcargs", {}).get("benchmark")
+            if benchmark is not None and hasattr(benchmark, "extra_info"):
+                benchmark.extra_info.setdefault("autobatch", []).append(summary)
+        if result.failed:
+            pytest.fail(result.failure_message(), pytrace=False)
+        targets = _marker_targets(item) if item is not None else {}
+        missed = result.missed_targets(**targets) if targets else None
+        if missed:
+            pytest.fail(missed, pytrace=False)
+        return result
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Collect results from reports: the same path with and without pytest-xdist."""
+        if not self.enabled or self.is_worker:
+            return
+        for name, value in report.user_properties:
+            if name == USER_PROPERTY and isinstance(value, dict):
+                self.run_record.results[value["key"]] = value
+        if report.when == "call" and report.passed:
+            self.run_record.finished.add(report.nodeid)
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+def _outcome(result: Any) -> str:
+    """The last progress line of a search or re-measurement."""
+    if result is None:
+        return "stopped"
+    if result.cached:
+        how = "re-measured against the baseline"
+    else:
+        how = f"{result.probes} probes, {result.ooms} OOM{'s' * (result.ooms != 1)}, {result.search_seconds:.1f} s"
+    return f"{result.name}: optimal batch {result.optimal_batch}, max {result.max_batch} ({how})"
+
+
+def _state(config: pytest.Config) -> _State:
+    return config.stash[_STATE]
+
+
+def _marker_targets(item: pytest.Item) -> dict[str, Any]:
+    marker = item.get_closest_marker(MARKER)
+    return dict(marker.kwargs) if marker is not None else {}
+
+
+def _is_benchmark(item: pytest.Item) -> bool:
+    names = getattr(item, "fixturenames", ())
+    return item.get_closest_marker(MARKER) is not None or any(name in names for name in FIXTURES)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}(min_speedup=None, max_latency_s=None, min_throughput=None, "
+                   "max_memory_bytes=None): a benchmark test, skipped without --autobatch; the "
+                   "given targets are asserted on every optimal_batch result of the test")
+    enabled, settings = _settings(config)
+    state = _State(config, enabled, settings)
+    config.stash[_STATE] = state
+    config.pluginmanager.register(state, "autobatch-state")
+    if enabled and state.is_worker:
+        _assign_worker_gpu(config, settings.device)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(state), "autobatch-xdist")
+    if config.pluginmanager.hasplugin("benchmark"):
+        config.pluginmanager.register(_BenchmarkHooks(state), "autobatch-benchmark")
+
+
+def _nvml_gpu_count() -> int:
+    """GPUs NVML sees (it ignores CUDA_VISIBLE_DEVICES and never initialises CUDA); 0 without NVML."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no nvidia-ml-py, no driver: nothing to spread over
+        return 0
+
+
+def _assign_worker_gpu(config: pytest.Config, device: str) -> None:
+    """Worker i uses GPU i: set CUDA_VISIBLE_DEVICES before anything initialises CUDA."""
+    from .session import worker_gpu_mask
+    if device not in ("auto", "cuda"):
+        return
+    mask = worker_gpu_mask(config.workerinput["workerid"], os.environ.get("CUDA_VISIBLE_DEVICES"),
+                           _nvml_gpu_count)
+    if mask is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        warnings.warn(f"pytest-autobatch: CUDA was initialised before worker "
+                      f"{config.workerinput['workerid']} could select GPU {mask}; all workers share "
+                      "one GPU", stacklevel=1)
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = mask
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = _state(config)
+    if not state.enabled:
+        return []
+    settings = state.settings
+    modes = [name for name, on in (("update", settings.update), ("strict", settings.strict)) if on]
+    return [f"autobatch: device {settings.device}, baselines {settings.baselines}, throughput "
+            f"tolerance {settings.tolerance:.0%}, memory tolerance {settings.memory_tolerance:.0%}"
+            + (f", {' '.join(modes)}" if modes else "")]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip benchmark tests without --autobatch; remember every collected test for unused detection.
+
+    tryfirst: this sees the items before -k / -m deselect any, so deselected tests still exist.
+    """
+    state = _state(config)
+    if not state.enabled:
+        skip = pytest.mark.skip(reason=SKIP_REASON)
+        for item in items:
+            if _is_benchmark(item):
+                item.add_marker(skip)
+        return
+    for item in items:
+        unknown = set(_marker_targets(item)) - set(MARKER_TARGETS)
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown @pytest.mark.{MARKER} argument(s) "
+                                    f"{', '.join(sorted(unknown))}; known: {', '.join(MARKER_TARGETS)}")
+    state.run_record.collected.update(item.nodeid for item in items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = _state(session.config)
+    if state.enabled:
+        from .baselines import module_key
+        narrowed = _narrowed_modules(session.config)
+        state.run_record.selected_modules.update(
+            module_key(item.nodeid) for item in session.items)
+        state.run_record.selected_modules.difference_update(narrowed)
+
+
+def _narrowed_modules(config: pytest.Config) -> set[str]:
+    """Modules given as ``file.py::test`` on the command line: only part of them was collected."""
+    from .baselines import module_key
+    narrowed = set()
+    for arg in config.args:
+        if "::" not in arg:
+            continue
+        path = (config.invocation_params.dir / arg.split("::", 1)[0]).resolve()
+        try:
+            narrowed.add(module_key(path.relative_to(config.rootpath).as_posix()))
+        except ValueError:
+            continue
+    return narrowed
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _state(item.config).current_item = item
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = _state(session.config)
+    if not state.enabled:
+        return
+    if state.is_worker:
+        from .baselines import module_key
+        with_files = {path.stem for path in Path(state.settings.baselines).glob("*/*.json")}
+        session.config.workeroutput[USER_PROPERTY] = {
+            "collected": sorted(nodeid for nodeid in state.run_record.collected
+                                if module_key(nodeid) in with_files),
+            "selected_modules": sorted(state.run_record.selected_modules)}
+        return
+    from .errors import AutobatchError
+    try:
+        _find_unused(state)
+    except AutobatchError as exc:
+        warnings.warn(f"pytest-autobatch: unused-baseline check skipped: {exc}", stacklevel=1)
+
+
+def _find_unused(state: _State) -> None:
+    """syrupy-style: entries of fully collected, selected modules whose test is gone or did not use them."""
+    from .baselines import BaselineStore
+    record = state.run_record
+    hardware_keys = {result["hardware_key"] for result in record.results.values()}
+    if not hardware_keys and any(Path(state.settings.baselines).glob(f"*/{module}.json")
+                                 for module in record.selected_modules):
+        hardware_keys = {state.session.store.hardware_key}   # no benchmark ran: ask the device
+    used = set(record.results)
+    finished = record.finished if len(hardware_keys) == 1 else set()
+    for hardware_key in sorted(hardware_keys):
+        store = BaselineStore(state.settings.baselines, hardware_key)
+        for module in sorted(record.selected_modules & set(store.modules())):
+            unused = store.unused(module, collected=record.collected, finished=finished, used=used)
+            if not unused:
+                continue
+            record.unused[str(store.path(module))] = unused
+            if state.settings.update:
+                store.remove(module, unused)
+                record.unused_removed = True
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = _state(config)
+    record = state.run_record
+    if not state.enabled or state.is_worker or not (record.results or record.unused):
+        return
+    from .summary import summary_lines, unused_lines
+    terminalreporter.write_sep("=", "autobatch")
+    for line in summary_lines(list(record.results.values())):
+        terminalreporter.write_line(line)
+    for line in unused_lines(record.unused, removed=record.unused_removed):
+        terminalreporter.write_line(line, yellow=True)
+    _write_report(terminalreporter, config, state)
+
+
+def _write_report(terminalreporter: Any, config: pytest.Config, state: _State) -> None:
+    """--autobatch-report=DIR: the `autobatch report` output, from the baselines as this run left them."""
+    out_dir = _option(config, "autobatch_report", str, None)
+    if not out_dir:
+        return
+    from .errors import AutobatchError
+    from .report_md import write_report
+    try:
+        path = write_report(state.settings.baselines, config.invocation_params.dir / out_dir)
+    except AutobatchError as exc:
+        terminalreporter.write_line(f"autobatch report not written: {exc}", red=True)
+        return
+    terminalreporter.write_line(f"autobatch report written to {path}")
+
+
+@pytest.fixture(scope="session")
+def optimal_batch(pytestconfig: pytest.Config) -> Callable[..., Any]:
+    """``optimal_batch(model, example_input=None, *, mode="inference", name=None, max_latency_s=None,
+    cap=None, **workload_options)`` -> a BatchResult, searched once per session per test and name,
+    or re-measured against the stored baseline and gated."""
+    state = _state(pytestconfig)
+
+    def optimal_batch(model: Any, example_input: Any = None, *, mode: str = "inference",
+                      name: str | None = None, max_latency_s: float | None = None,
+                      cap: int | None = None, **workload_options: Any) -> Any:
+        return state.run(model, example_input, mode=mode, name=name, max_latency_s=max_latency_s,
+                         cap=cap, **workload_options)
+    return optimal_batch
+
+
+@pytest.fixture(scope="session")
+def autobatch_device(pytestconfig: pytest.Config) -> Any:
+    """The Device chosen with --autobatch-device (a sim:, cpu or cuda device)."""
+    state = _state(pytestconfig)
+    if not state.enabled:
+        pytest.skip(SKIP_REASON)
+    return state.session.device
+
+
+class _XdistHooks:
+    """Registered only when pytest-xdist is present (its hooks are unknown otherwise)."""
+
+    def __init__(self, state: _State):
+        self.state = state
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        output = getattr(node, "workeroutput", {}).get(USER_PROPERTY)
+        if output:
+            self.state.run_record.merge(output)
+
+
+class _BenchmarkHooks:
+    """pytest-benchmark integration, registered only when it is installed."""
+
+    def __init__(self, state: _State):
+        self.state = state
+
+    def pytest_benchmark_update_machine_info(self, config: pytest.Config, machine_info: dict[str, Any]) -> None:
+        from .errors import AutobatchError
+        if not self.state.enabled:
+            return
+        try:
+            device = self.state.session.device
+            machine_info["autobatch"] = {"device": device.name, "hardware_key": device.hardware_key(),
+                                         "hardware": device.hardware()}
+        except AutobatchError as exc:
+            machine_info["autobatch"] = {"error": str(exc)}
+
+    def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: Any,
+                                     output_json: dict[str, Any]) -> None:
+        results = self.state.run_record.results
+        if results:
+            output_json["autobatch"] = [results[key] for key in sorted(results)]

@@ -1,0 +1,273 @@
+"""One pytest session's worth of searches and gate checks, without pytest.
+
+The plugin builds an ``AutobatchSession`` from its options and asks it for a ``BatchResult`` per
+(test id, model name): searched and recorded when the baseline is missing or being updated,
+re-measured and gated when it exists. Results are cached for the session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .baselines import BaselineStore, entry_key
+from .errors import BaselineError, ConfigError
+from .stats import speedup_below
+from .runner import (DEFAULT_CAP, DEFAULT_MEMORY_TOLERANCE, DEFAULT_SEARCH_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE,
+                     Finding, Progress, remeasure, search_workload)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the options say; plain values so they travel to pytest-xdist workers."""
+
+    baselines: Path
+    device: str = "auto"
+    update: bool = False
+    strict: bool = False
+    tolerance: float = DEFAULT_THROUGHPUT_TOLERANCE
+    memory_tolerance: float = DEFAULT_MEMORY_TOLERANCE
+    memory_budget: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """What ``optimal_batch(...)`` returns: the figures of this run and the entry behind them.
+
+    ``probes``/``ooms``/``search_seconds`` count searching done in this session (0 when served from
+    a baseline); ``status`` is "new", "updated" or "cached"; ``change`` is the relative throughput
+    change against the baseline (None without one).
+    """
+
+    key: str
+    name: str
+    device: str
+    hardware_key: str
+    optimal_batch: int
+    max_batch: int
+    throughput: float
+    speedup: float
+    peak_memory_bytes: int | None
+    probes: int
+    ooms: int
+    search_seconds: float
+    status: str
+    entry: dict[str, Any]
+    findings: list[Finding] = field(default_factory=list)
+    change: float | None = None
+    baseline_path: str = ""
+    throughput_samples: list[float] = field(default_factory=list)
+    batch1_throughput_samples: list[float] = field(default_factory=list)
+
+    @property
+    def cached(self) -> bool:
+        return self.status == "cached"
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds per batch at the optimal batch."""
+        return self.optimal_batch / self.throughput
+
+    @property
+    def failed(self) -> bool:
+        return any(finding.failed for finding in self.findings)
+
+    def failure_message(self) -> str:
+        return "\n".join(finding.message for finding in self.findings if finding.failed)
+
+    def missed_targets(self, *, min_speedup: float | None = None, max_latency_s: float | None = None,
+                       min_throughput: float | None = None, max_memory_bytes: int | None = None) -> str | None:
+        """A sentence naming every target this result misses, with the numbers; None when all are met."""
+        missed = []
+        if min_speedup is not None and self.speedup < min_speedup:
+            evidence = self._speedup_evidence(min_speedup)
+            if evidence is not None:
+                missed.append(f"speedup {self.speedup:.2f}x over batch 1 is below {min_speedup:.2f}x"
+                              f"{evidence}")
+        if max_latency_s is not None and self.latency_s > max_latency_s:
+            missed.append(f"latency {self.latency_s * 1e3:.2f} ms per batch of {self.optimal_batch} "
+                          f"is above {max_latency_s * 1e3:.2f} ms")
+        if min_throughput is not None and self.throughput < min_throughput:
+            missed.append(f"throughput {self.throughput:,.1f} samples/s is below {min_throughput:,.1f}")
+        if (max_memory_bytes is not None and self.peak_memory_bytes is not None
+                and self.peak_memory_bytes > max_memory_bytes):
+            missed.append(f"peak memory {self.peak_memory_bytes:,} B is above {max_memory_bytes:,} B")
+        return f"{self.name} on {self.device}: " + "; ".join(missed) if missed else None
+
+    def _speedup_evidence(self, min_speedup: float) -> str | None:
+        """Why the speedup counts as short of ``min_speedup``: the rank test's figures, "" without raw
+        samples (the medians decide), None when the samples do not show it (noise)."""
+        if not (self.throughput_samples and self.batch1_throughput_samples):
+            return ""   # no raw samples: the medians are all there is
+        test = speedup_below(self.throughput_samples, self.batch1_throughput_samples, min_speedup)
+        if test is None:
+            return None
+        return (f" (Mann-Whitney p={test.p_value:.2g}, {len(self.throughput_samples)} vs "
+                f"{len(self.batch1_throughput_samples)} samples)")
+
+    def expect(self, **targets: Any) -> "BatchResult":
+        """Assert the usual targets (see ``missed_targets``); AssertionError lists every one missed."""
+        missed = self.missed_targets(**targets)
+        if missed:
+            raise AssertionError(missed)
+        return self
+
+    def expect_targets(self) -> "BatchResult":
+        """Assert the targets stored in the baseline entry (``targets.min_speedup``, ...)."""
+        targets = self.entry.get("targets") or {}
+        return self.expect(min_speedup=targets.get("min_speedup"),
+                           max_latency_s=targets.get("max_latency_s"))
+
+    def as_summary(self) -> dict[str, Any]:
+        """Plain figures for the terminal summary and pytest-xdist reports."""
+        return {"key": self.key, "name": self.name, "device": self.device,
+                "hardware_key": self.hardware_key, "optimal_batch": self.optimal_batch,
+                "max_batch": self.max_batch, "throughput": self.throughput, "speedup": self.speedup,
+                "peak_memory_bytes": self.peak_memory_bytes, "probes": self.probes, "ooms": self.ooms,
+                "search_seconds": self.search_seconds, "status": self.status, "change": self.change,
+                "failed": self.failed, "findings": [finding.as_dict() for finding in self.findings],
+                "baseline_path": self.baseline_path}
+
+
+def model_name(model: Any) -> str:
+    name = getattr(model, "name", None)
+    return name if isinstance(name, str) and name else type(model).__name__
+
+
+def worker_gpu_mask(worker_id: str, outer_mask: str | None, gpu_count: Callable[[], int]) -> str | None:
+    """CUDA_VISIBLE_DEVICES for pytest-xdist worker ``gwN`` so worker i uses GPU i; None: keep as is.
+
+    An outer mask is honoured (worker i gets its i-th entry); ``gpu_count`` is only asked when
+    there is none. With one GPU or fewer there is nothing to spread.
+    """
+    if not worker_id.startswith("gw") or not worker_id[2:].isdigit():
+        return None
+    if outer_mask is not None:
+        visible = [part.strip() for part in outer_mask.split(",") if part.strip()]
+    else:
+        visible = [str(index) for index in range(gpu_count())]
+    if len(visible) <= 1:
+        return None
+    return visible[int(worker_id[2:]) % len(visible)]
+
+
+class AutobatchSession:
+    """Searches, records and gates results for one pytest session (one xdist worker)."""
+
+    def __init__(self, settings: Settings, *, progress: Progress | None = None,
+                 device_factory: Callable[..., Any] | None = None):
+        self.settings = settings
+        self.progress = progress
+        self._device_factory = device_factory
+        self._device: Any = None
+        self._store: BaselineStore | None = None
+        self.results: dict[str, BatchResult] = {}
+
+    @property
+    def device(self) -> Any:
+        if self._device is None:
+            factory = self._device_factory
+            if factory is None:
+                from .device import get_device
+                factory = get_device
+            self._device = factory(self.settings.device, memory_budget=self.settings.memory_budget)
+        return self._device
+
+    @property
+    def device_ready(self) -> bool:
+        return self._device is not None
+
+    @property
+    def store(self) -> BaselineStore:
+        if self._store is None:
+            device = self.device
+            self._store = BaselineStore(self.settings.baselines, device.hardware_key(), device.hardware())
+        return self._store
+
+    def run(self, nodeid: str, model: Any, example_input: Any = None, *, mode: str = "inference",
+            name: str | None = None, max_latency_s: float | None = None, cap: int | None = None,
+            **options: Any) -> BatchResult:
+        """The result for ``model`` in test ``nodeid``: searched once per session, else from the baseline."""
+        key = entry_key(nodeid, name or model_name(model))
+        if key in self.results:
+            return self.results[key]
+        if max_latency_s is not None and not max_latency_s > 0:
+            raise ConfigError(f"max_latency_s must be a positive number of seconds, got {max_latency_s!r}")
+        workload = self.device.workload(model, example_input, mode=mode, **options)
+        try:
+            result = self._result(key, workload, max_latency_s=max_latency_s, cap=cap)
+        finally:
+            workload.close()
+        self.results[key] = result
+        return result
+
+    def _result(self, key: str, workload: Any, *, max_latency_s: float | None,
+                cap: int | None) -> BatchResult:
+        store = self.store
+        entry = None if self.settings.update else store.get(key)
+        if entry is not None:
+            return self._check(key, workload, entry, cap=cap, max_latency_s=max_latency_s)
+        if self.settings.strict and not self.settings.update:
+            raise BaselineError(
+                f"no baseline for {key} on {store.hardware_key} in {store.path_for_key(key)} and "
+                "--autobatch-strict is set: record it with pytest --autobatch (without "
+                "--autobatch-strict) on this hardware and commit the file")
+        with store.search_lock(key):
+            previous = store.get(key)
+            if previous is not None and not self.settings.update:
+                # another worker recorded it meanwhile
+                return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s)
+            name = key.rpartition("::")[2]
+            entry = search_workload(self.device, workload, model=name, cap=cap,
+                                    max_latency_s=max_latency_s, tolerance=DEFAULT_SEARCH_TOLERANCE,
+                                    progress=self.progress)
+            path = store.put(key, entry)
+        search = entry["search"]
+        return BatchResult(key=key, name=name, device=self.device.name, hardware_key=store.hardware_key,
+                           optimal_batch=entry["optimal_batch"], max_batch=entry["max_batch"],
+                           throughput=entry["throughput"], speedup=entry["speedup"],
+                           peak_memory_bytes=entry["peak_memory_bytes"], probes=search["probes"],
+                           ooms=search["ooms"], search_seconds=search["seconds"],
+                           status="updated" if previous is not None else "new", entry=entry,
+                           change=_throughput_change(previous, entry), baseline_path=str(path),
+                           throughput_samples=entry["throughput_samples"],
+                           batch1_throughput_samples=entry["batch1_throughput_samples"])
+
+    def _check(self, key: str, workload: Any, entry: dict[str, Any], *, cap: int | None,
+               max_latency_s: float | None) -> BatchResult:
+        broken = [name for name, kind in _GATE_FIELDS.items() if not isinstance(entry.get(name), kind)]
+        if broken or not entry["throughput_samples"]:
+            raise BaselineError(f"baseline entry {key} in {self.store.path_for_key(key)} lacks valid "
+                                f"{', '.join(broken) or 'throughput_samples'}; it was left untouched: "
+                                "re-record it with pytest --autobatch --autobatch-update")
+        check = remeasure(self.device, workload, entry, tolerance=self.settings.tolerance,
+                          memory_tolerance=self.settings.memory_tolerance, progress=self.progress)
+        asked = {"cap": DEFAULT_CAP if cap is None else cap, "max_latency_s": max_latency_s}
+        changed = [f"{name} {entry.get(name)!r} -> {value!r}" for name, value in asked.items()
+                   if entry.get(name) != value]
+        if changed:
+            check.findings.append(Finding(
+                "settings_changed", f"{key}: the search settings changed since the baseline was recorded "
+                f"({', '.join(changed)}); re-search with pytest --autobatch --autobatch-update", False))
+        throughput = check.throughput or 0.0
+        return BatchResult(key=key, name=key.rpartition("::")[2], device=self.device.name,
+                           hardware_key=self.store.hardware_key, optimal_batch=entry["optimal_batch"],
+                           max_batch=entry["max_batch"], throughput=throughput,
+                           speedup=check.speedup,
+                           peak_memory_bytes=check.peak_memory_bytes, probes=0, ooms=0,
+                           search_seconds=0.0, status="cached", entry=entry, findings=check.findings,
+                           change=check.change, baseline_path=str(self.store.path_for_key(key)),
+                           throughput_samples=check.throughput_samples,
+                           batch1_throughput_samples=check.batch1_throughput_samples)
+
+
+#: What the gate reads from an entry, and the type each must have.
+_GATE_FIELDS = {"optimal_batch": int, "max_batch": int, "throughput_samples": list}
+
+
+def _throughput_change(previous: dict[str, Any] | None, entry: dict[str, Any]) -> float | None:
+    """Relative change of the recorded throughput when an update replaced an entry."""
+    if not previous or not previous.get("throughput"):
+        return None
+    return entry["throughput"] / previous["throughput"] - 1

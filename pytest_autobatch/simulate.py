@@ -1,0 +1,287 @@
+"""A simulated GPU: memory and throughput models that let the search and the plugin run on a CPU.
+
+Memory at batch b (bytes the caching allocator reserves, excluding the CUDA context):
+    weights + workspace + activations * b + curvature * b**2 + jitter(b), rounded up to 2 MiB blocks.
+A batch fits when that is at most the device's capacity (total memory minus the CUDA context);
+otherwise ``probe`` and ``measure`` raise ``errors.OutOfMemory`` with limit="simulated", as the
+CUDA path does. The jitter is a seeded, deterministic function of the batch of at most one
+sample's activations, so memory stays monotone and "the largest batch that fits" is well defined.
+
+Time per step (roofline with launch overhead): kernels * launch overhead + the larger of
+(weights + activation traffic) / memory bandwidth and FLOPs / (peak FLOP/s * utilisation).
+Small batches are bound by reading the weights, so batching pays until compute saturates; past
+``knee_batch`` the step slows down by ``falloff`` per knee-width (memory contention), so
+throughput can fall. Timing samples carry seeded noise and occasional slow outliers.
+
+To simulate a regression without changing the model's fingerprint, build the device with
+``slowdown`` (throughput divided by it) or ``memory_overhead_bytes`` (extra bytes at every
+batch): ``simulated_device("sim:h100", slowdown=1.5)``. A genuinely different (slower) model is
+a ``SimulatedModel`` with more ``flops_per_sample``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, OutOfMemory
+
+MiB = 1 << 20
+GiB = 1 << 30
+ALLOCATOR_BLOCK_BYTES = 2 * MiB  # the CUDA caching allocator reserves large segments in 2 MiB steps
+MODES = ("inference", "train", "generate")
+# (static memory, per-sample memory, FLOPs) multipliers per mode. Training keeps gradients and
+# two Adam states (4x weights), saves activations for backward (~3x) and does ~3x the FLOPs.
+_MODE_FACTORS = {"inference": (1.0, 1.0, 1.0), "train": (4.0, 3.0, 3.0), "generate": (1.0, 2.0, 1.0)}
+# Options the cpu/cuda workloads take; a simulated workload accepts and ignores them.
+_TORCH_ONLY_OPTIONS = frozenset({"loss_fn", "optimizer", "max_new_tokens", "dtype", "autocast"})
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    """Public figures of a GPU (dense FP16/BF16 tensor-core FLOP/s, no sparsity)."""
+
+    name: str
+    label: str
+    total_bytes: int
+    context_bytes: int
+    peak_flops: float
+    memory_bandwidth: float  # bytes/s
+    launch_overhead_s: float  # per kernel launch
+    power_w: float
+
+
+PROFILES: dict[str, GpuProfile] = {
+    profile.name: profile for profile in (
+        # H100 SXM5 80GB: 989 TFLOP/s BF16 dense, 3.35 TB/s HBM3, 700 W.
+        GpuProfile("h100", "NVIDIA H100 80GB HBM3 (simulated)", 85_045_231_616, 536 * MiB,
+                   989e12, 3.35e12, 4e-6, 700.0),
+        # RTX A5000: 24 GB GDDR6, 768 GB/s, ~111 TFLOP/s FP16 tensor dense, 230 W.
+        GpuProfile("a5000", "NVIDIA RTX A5000 (simulated)", 25_425_608_704, 420 * MiB,
+                   111e12, 768e9, 5e-6, 230.0),
+        # RTX 5070 Ti: 16 GB GDDR7, 896 GB/s, ~176 TFLOP/s FP16 tensor dense, 300 W.
+        GpuProfile("rtx5070ti", "NVIDIA GeForce RTX 5070 Ti (simulated)", 17_094_475_776, 400 * MiB,
+                   176e12, 896e9, 5e-6, 300.0),
+    )
+}
+
+
+@dataclass(frozen=True)
+class SimulatedModel:
+    """A model described by its memory and compute per sample (see the module docstring)."""
+
+    name: str
+    weights_bytes: int
+    activation_bytes_per_sample: int
+    flops_per_sample: float
+    curvature_bytes: float = 0.0  # extra bytes * batch**2 (attention over batch x sequence, fragmentation)
+    workspace_bytes: int = 0  # batch-independent scratch (cuBLAS/cuDNN workspaces)
+    memory_jitter: float = 0.0  # 0..1: deterministic per-batch noise, in units of one sample's activations
+    kernels: int = 100  # kernel launches per step
+    utilisation: float = 0.5  # fraction of peak FLOP/s reached once compute-bound
+    knee_batch: int | None = None  # past this batch, throughput falls
+    falloff: float = 0.0  # slowdown per knee_batch past the knee
+    prediction_error: float = 0.1  # signed relative error of predict_peak_bytes on batch-dependent memory
+    seed: int = 0  # seeds the memory jitter
+
+    def __post_init__(self):
+        for field in ("weights_bytes", "activation_bytes_per_sample", "curvature_bytes", "workspace_bytes",
+                      "falloff"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ConfigError(f"SimulatedModel {self.name!r}: {field} must be a number >= 0, got {value!r}")
+        if not self.flops_per_sample > 0:
+            raise ConfigError(f"SimulatedModel {self.name!r}: flops_per_sample must be > 0, "
+                              f"got {self.flops_per_sample!r}")
+        if not 0 <= self.memory_jitter <= 1:
+            raise ConfigError(f"SimulatedModel {self.name!r}: memory_jitter must be in [0, 1] "
+                              f"(one sample's activations at most), got {self.memory_jitter!r}")
+        if not 0 < self.utilisation <= 1:
+            raise ConfigError(f"SimulatedModel {self.name!r}: utilisation must be in (0, 1], "
+                              f"got {self.utilisation!r}")
+        if self.knee_batch is not None and self.knee_batch < 1:
+            raise ConfigError(f"SimulatedModel {self.name!r}: knee_batch must be >= 1 or None, "
+                              f"got {self.knee_batch!r}")
+        if self.activation_bytes_per_sample == 0 and self.curvature_bytes == 0:
+            raise ConfigError(f"SimulatedModel {self.name!r}: memory must grow with the batch; "
+                              f"set activation_bytes_per_sample or curvature_bytes > 0")
+
+
+def model_for_max_batch(profile: GpuProfile | str, max_batch: float, *, weights_fraction: float,
+                        curvature_share: float = 0.0, name: str = "sim-model", **fields: Any) -> SimulatedModel:
+    """A model whose largest fitting inference batch on ``profile`` is about ``max_batch``.
+
+    ``weights_fraction`` of the capacity holds the weights (>= 1: batch 1 does not fit);
+    ``curvature_share`` of the rest of the memory at ``max_batch`` grows with batch squared.
+    """
+    gpu = get_profile(profile)
+    capacity = gpu.total_bytes - gpu.context_bytes
+    weights = int(capacity * weights_fraction)
+    # Leave room for one allocator block and the jitter (up to one sample) at max_batch.
+    dynamic = max(capacity - weights - ALLOCATOR_BLOCK_BYTES, capacity * 0.01)
+    activations = max(1, int(dynamic * (1 - curvature_share) / (max_batch + fields.get("memory_jitter", 0.0))))
+    curvature = dynamic * curvature_share / max_batch ** 2
+    fields.setdefault("flops_per_sample", 4e9)
+    return SimulatedModel(name, weights, activations, curvature_bytes=curvature, **fields)
+
+
+def get_profile(profile: GpuProfile | str) -> GpuProfile:
+    """The profile for "h100", "sim:h100" or a GpuProfile; ConfigError naming the known ones."""
+    if isinstance(profile, GpuProfile):
+        return profile
+    key = str(profile).strip().lower().removeprefix("sim:")
+    try:
+        return PROFILES[key]
+    except KeyError:
+        known = ", ".join(f"sim:{name}" for name in PROFILES)
+        raise ConfigError(f"unknown simulated GPU {profile!r}: known profiles are {known}") from None
+
+
+class SimulatedDevice:
+    """A ``Device`` backed by a GPU profile; see the module docstring for the models."""
+
+    def __init__(self, profile: GpuProfile | str = "h100", *, seed: int = 0, slowdown: float = 1.0,
+                 memory_overhead_bytes: int = 0, timing_noise: float = 0.02, repeats: int = 5,
+                 capacity_bytes: int | None = None):
+        if not slowdown > 0:
+            raise ConfigError(f"slowdown must be > 0 (1.0 = as fast as the profile), got {slowdown!r}")
+        if repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {repeats!r}")
+        if timing_noise < 0:
+            raise ConfigError(f"timing_noise must be >= 0, got {timing_noise!r}")
+        self.profile = get_profile(profile)
+        self.name = f"sim:{self.profile.name}"
+        self.seed = seed
+        self.slowdown = slowdown
+        self.memory_overhead_bytes = memory_overhead_bytes
+        self.timing_noise = timing_noise
+        self.repeats = repeats
+        self._capacity = (self.profile.total_bytes - self.profile.context_bytes
+                          if capacity_bytes is None else capacity_bytes)
+
+    def hardware(self) -> dict[str, Any]:
+        return {"device": self.name, "name": self.profile.label, "total_memory_bytes": self.profile.total_bytes,
+                "peak_flops": self.profile.peak_flops, "memory_bandwidth_bytes_per_s": self.profile.memory_bandwidth,
+                "simulated": True}
+
+    def hardware_key(self) -> str:
+        return f"sim-{self.profile.name}"
+
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    def workload(self, model: Any, example_input: Any = None, *, mode: str = "inference",
+                 **options: Any) -> SimulatedWorkload:
+        if not isinstance(model, SimulatedModel):
+            raise ConfigError(f"{self.name} runs SimulatedModel instances (pytest_autobatch.simulate), "
+                              f"got {type(model).__name__}; use device cpu or cuda for torch models")
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        unknown = set(options) - _TORCH_ONLY_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown workload option(s) {', '.join(sorted(unknown))}: "
+                              f"known are {', '.join(sorted(_TORCH_ONLY_OPTIONS))}")
+        return SimulatedWorkload(self, model, mode)
+
+
+class SimulatedWorkload:
+    """One simulated model in one mode on a simulated device (a ``Workload``)."""
+
+    def __init__(self, device: SimulatedDevice, model: SimulatedModel, mode: str):
+        self.device = device
+        self.model = model
+        self.mode = mode
+        static, per_sample, flops = _MODE_FACTORS[mode]
+        self._static_bytes = model.weights_bytes * static + model.workspace_bytes + device.memory_overhead_bytes
+        self._sample_bytes = model.activation_bytes_per_sample * per_sample
+        self._curvature = model.curvature_bytes * per_sample
+        self._flops = model.flops_per_sample * flops
+        self._rng = random.Random(f"{device.seed}:{model.name}:{mode}")
+        self.probes: list[int] = []  # batches probed or measured, in order (for tests)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"kind": "simulated", "mode": self.mode, **dataclasses.asdict(self.model)}
+
+    def needed_bytes(self, batch: int) -> int:
+        """Peak reserved bytes at ``batch``, without running or counting anything."""
+        jitter = 0.0
+        if self.model.memory_jitter:
+            jitter = self.model.memory_jitter * self._sample_bytes * random.Random(
+                f"{self.model.seed}:{batch}").random()
+        raw = self._static_bytes + self._sample_bytes * batch + self._curvature * batch * batch + jitter
+        return math.ceil(raw / ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
+
+    def fits(self, batch: int) -> bool:
+        return self.needed_bytes(batch) <= self.device.capacity_bytes()
+
+    def true_max_batch(self, cap: int) -> int:
+        """The largest batch <= cap that fits (0 if none): ground truth for tests and benchmarks."""
+        if not self.fits(1):
+            return 0
+        low, high = 1, cap + 1  # fits(low), and high is past the cap or does not fit
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.fits(middle) else (low, middle)
+        return low
+
+    def predict_peak_bytes(self, batch: int) -> int:
+        """An analytic estimate that, like a real predictor, is off: it misjudges the batch-dependent
+        memory by ``prediction_error`` and knows nothing of jitter or allocator rounding."""
+        dynamic = self._sample_bytes * batch + self._curvature * batch * batch
+        return int(self._static_bytes + dynamic * (1 + self.model.prediction_error))
+
+    def probe(self, batch: int) -> int:
+        self._run(batch)
+        return self.needed_bytes(batch)
+
+    def step_time_s(self, batch: int) -> float:
+        """Noise-free seconds per step at ``batch``."""
+        gpu = self.device.profile
+        memory_s = (self.model.weights_bytes + 2 * self._sample_bytes * batch) / gpu.memory_bandwidth
+        compute_s = self._flops * batch / (gpu.peak_flops * self.model.utilisation)
+        seconds = self.model.kernels * gpu.launch_overhead_s + max(memory_s, compute_s)
+        knee = self.model.knee_batch
+        if knee is not None and batch > knee:
+            seconds *= 1 + self.model.falloff * (batch - knee) / knee
+        return seconds * self.device.slowdown
+
+    def expected_throughput(self, batch: int) -> float:
+        """Noise-free samples per second at ``batch``."""
+        return batch / self.step_time_s(batch)
+
+    def measure(self, batch: int) -> list[float]:
+        self._run(batch)
+        seconds = self.step_time_s(batch)
+        samples = []
+        for _ in range(self.device.repeats):
+            factor = max(0.5, 1 + self._rng.gauss(0, self.device.timing_noise))
+            if self.device.timing_noise and self._rng.random() < 0.05:  # a slow outlier (clocks, another process)
+                factor *= 1.25
+            samples.append(batch / (seconds * factor))
+        return samples
+
+    def extras(self, batch: int) -> dict[str, Any]:
+        seconds = self.step_time_s(batch)
+        return {"flops_per_sample": self._flops,
+                "energy_per_sample_j": self.device.profile.power_w * seconds / batch}
+
+    def close(self) -> None:
+        """Nothing is held."""
+
+    def _run(self, batch: int) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch size must be an integer >= 1, got {batch!r}")
+        self.probes.append(batch)
+        needed, available = self.needed_bytes(batch), self.device.capacity_bytes()
+        if needed > available:
+            raise OutOfMemory(f"CUDA out of memory (simulated {self.device.name}): batch {batch} needs "
+                              f"{needed / GiB:.2f} GiB, {available / GiB:.2f} GiB available",
+                              batch=batch, needed_bytes=needed, available_bytes=available, limit="simulated")
+
+
+def simulated_device(name: str, **options: Any) -> SimulatedDevice:
+    """The device for "sim:PROFILE" (options as SimulatedDevice); ConfigError naming the known profiles."""
+    return SimulatedDevice(get_profile(name), **options)

@@ -1,0 +1,57 @@
+"""The end-of-session terminal summary: one row per model, then notes and unused baselines.
+
+Works on the plain dicts of ``BatchResult.as_summary()`` (they also arrive from xdist workers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .units import format_bytes
+
+_COLUMNS = ("model", "device", "optimal", "max", "samples/s", "speedup", "memory", "probes", "OOMs",
+            "search", "baseline", "change")
+
+
+def _row(result: dict[str, Any]) -> tuple[str, ...]:
+    change = result.get("change")
+    status = "FAILED" if result.get("failed") else result["status"]
+    return (result["key"], result["device"], str(result["optimal_batch"]), str(result["max_batch"]),
+            f"{result['throughput']:,.1f}", f"{result['speedup']:.2f}x",
+            format_bytes(result.get("peak_memory_bytes")), str(result["probes"]), str(result["ooms"]),
+            f"{result['search_seconds']:.1f}s" if result["status"] != "cached" else "-",
+            status, "-" if change is None else f"{change:+.1%}")
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
+    widths = [max(len(row[index]) for row in [header, *rows]) for index in range(len(header))]
+    def line(row: tuple[str, ...]) -> str:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+    return [line(header)] + [line(row) for row in rows]
+
+
+def summary_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Table of results (sorted by key), then every finding that did not fail a test."""
+    ordered = sorted(results, key=lambda result: result["key"])
+    lines = table([_row(result) for result in ordered], _COLUMNS)
+    notes = [finding["message"] for result in ordered for finding in result.get("findings", ())
+             if not finding["failed"]]
+    if notes:
+        lines.append("")
+        lines.extend(f"note: {note}" for note in notes)
+    return lines
+
+
+def unused_lines(unused: dict[str, list[str]], *, removed: bool) -> list[str]:
+    """syrupy-style report of baseline entries whose tests are gone or no longer use them."""
+    count = sum(len(keys) for keys in unused.values())
+    if not count:
+        return []
+    verb = "removed" if removed else "unused"
+    lines = [f"{count} baseline entr{'y' if count == 1 else 'ies'} {verb}:"]
+    for path in sorted(unused):
+        lines.extend(f"  {key}  ({path})" for key in unused[path])
+    if not removed:
+        lines.append("Re-run with pytest --autobatch --autobatch-update to remove unused entries.")
+    return lines

@@ -1,0 +1,333 @@
+"""The plugin as a user's project uses it (pytester), on simulated GPUs so it runs on a CPU."""
+
+import json
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+MODELS = '''
+import json, os
+import pytest
+from pytest_autobatch.simulate import SimulatedModel
+
+FLOPS = {flops}
+ACTIVATIONS = {activations}
+
+
+def record(result):
+    out = os.environ.get("AUTOBATCH_OUT")
+    if out:
+        with open(out, "a") as stream:
+            stream.write(json.dumps(dict(result.as_summary(), cached=result.cached)) + "\\n")
+    return result
+
+
+def test_toy(optimal_batch):
+    record(optimal_batch(SimulatedModel("toy", weights_bytes=2_000_000_000,
+                                        activation_bytes_per_sample=ACTIVATIONS,
+                                        flops_per_sample=FLOPS))).expect_targets()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_layers(optimal_batch, layers):
+    record(optimal_batch(SimulatedModel("stack", weights_bytes=layers * 500_000_000,
+                                        activation_bytes_per_sample=layers * 20_000_000,
+                                        flops_per_sample=layers * 2e10)))
+
+
+def test_plain():
+    pass
+'''
+
+SIM = ("--autobatch", "--autobatch-device=sim:h100")
+TOY_KEY = "test_models.py::test_toy::toy"
+
+
+@pytest.fixture(autouse=True)
+def outside_xdist(monkeypatch):
+    """Inner runs must not think they are xdist workers when this suite itself runs under -n."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def project(pytester, monkeypatch):
+    """A user's project with three benchmark tests and one plain test; results land in results.jsonl."""
+    pytester.makepyfile(test_models=MODELS.format(flops=4e10, activations=50_000_000))
+    monkeypatch.setenv("AUTOBATCH_OUT", str(pytester.path / "results.jsonl"))
+    return pytester
+
+
+def results(pytester):
+    path = pytester.path / "results.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    path.unlink(missing_ok=True)
+    return {entry["key"]: entry for entry in map(json.loads, lines)}
+
+
+def baseline(pytester, key="sim-h100"):
+    return pytester.path / "baselines" / key / "test_models.json"
+
+
+def test_without_autobatch_benchmarks_skip_naming_the_option(project):
+    result = project.runpytest("-rs")
+    result.assert_outcomes(passed=1, skipped=3)
+    result.stdout.fnmatch_lines(["*run it with pytest --autobatch*"])
+    assert not (project.path / "baselines").exists()
+
+
+def test_record_then_cached_run_does_no_search(project):
+    first = project.runpytest(*SIM)
+    first.assert_outcomes(passed=4)
+    recorded = results(project)
+    assert set(recorded) == {TOY_KEY, "test_models.py::test_layers[1]::stack",
+                             "test_models.py::test_layers[2]::stack"}
+    assert all(entry["status"] == "new" and entry["probes"] > 0 for entry in recorded.values())
+    first.stdout.fnmatch_lines(["*= autobatch =*", "model*device*optimal*max*samples/s*speedup*memory*"
+                                "probes*OOMs*search*baseline*change", "test_models.py::test_toy::toy*sim:h100*new*"])
+    stored = json.loads(baseline(project).read_text())
+    assert stored["hardware_key"] == "sim-h100" and set(stored["entries"]) == set(recorded)
+    toy = stored["entries"][TOY_KEY]
+    assert (toy["optimal_batch"], toy["max_batch"]) == (recorded[TOY_KEY]["optimal_batch"],
+                                                         recorded[TOY_KEY]["max_batch"])
+    assert toy["targets"]["min_speedup"] >= 1.0 and len(toy["throughput_samples"]) >= 15
+    assert any(probe["outcome"] == "oom" for probe in toy["probes"])
+    before = baseline(project).read_text()
+
+    second = project.runpytest(*SIM)
+    second.assert_outcomes(passed=4)
+    cached = results(project)
+    assert all(entry["cached"] and entry["probes"] == 0 and entry["ooms"] == 0 for entry in cached.values())
+    assert cached[TOY_KEY]["optimal_batch"] == toy["optimal_batch"]
+    assert abs(cached[TOY_KEY]["change"]) < 0.10
+    second.stdout.fnmatch_lines(["test_models.py::test_toy::toy*cached*%"])
+    assert baseline(project).read_text() == before
+
+
+def test_report_option_writes_the_report_of_the_baselines_at_session_end(project):
+    result = project.runpytest(*SIM, "--autobatch-report=out")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["autobatch report written to *report.md"])
+    report = (project.path / "out" / "report.md").read_text()
+    assert "toy" in report and "sim-h100" in report
+    assert list((project.path / "out").rglob("*.png"))
+
+
+def test_slower_model_fails_the_gate_and_keeps_the_baseline(project):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    before = baseline(project).read_text()
+    project.makepyfile(test_models=MODELS.format(flops=6e10, activations=50_000_000))
+    result = project.runpytest(*SIM)
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines([
+        "*toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression: * -> * samples/s at batch * "
+        "(-3*%, tolerance 10%, Mann-Whitney p=*, 15 vs 15 samples)*fingerprint changed*flops_per_sample*",
+        "test_models.py::test_toy::toy*FAILED*-3*%"])
+    assert baseline(project).read_text() == before
+
+    update = project.runpytest(*SIM, "--autobatch-update")
+    update.assert_outcomes(passed=4)
+    assert all(entry["status"] == "updated" for entry in results(project).values())
+    updated = json.loads(baseline(project).read_text())["entries"][TOY_KEY]
+    assert updated["model_fingerprint"]["flops_per_sample"] == 6e10
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+
+
+def test_model_needing_more_memory_fails_with_oom_and_memory_regression(project):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    project.makepyfile(test_models=MODELS.format(flops=4e10, activations=65_000_000))
+    result = project.runpytest(*SIM)
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*toy on * out of memory at the stored maximum batch*",
+                                 "*toy on * peak memory regression: * GiB -> * GiB at batch * (+2*%, tolerance 10%)*"])
+
+
+def test_corrupt_baseline_fails_cleanly_and_is_left_untouched(project):
+    path = baseline(project)
+    path.parent.mkdir(parents=True)
+    path.write_text('<<<<<<< HEAD\n{"entries": {\n')
+    result = project.runpytest(*SIM)
+    result.assert_outcomes(passed=1, failed=3)
+    result.stdout.fnmatch_lines([f"*baseline file {path} cannot be used: it is not valid JSON*left untouched*"
+                                 "--autobatch-update*"])
+    assert "During handling" not in result.stdout.str()
+    assert path.read_text() == '<<<<<<< HEAD\n{"entries": {\n'
+
+
+def test_second_gpu_profile_adds_its_own_entries_and_keeps_the_others(project):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    h100 = baseline(project).read_text()
+    project.runpytest("--autobatch", "--autobatch-device=sim:a5000").assert_outcomes(passed=4)
+    a5000 = json.loads(baseline(project, "sim-a5000").read_text())
+    assert a5000["hardware"]["name"] == "NVIDIA RTX A5000 (simulated)" and len(a5000["entries"]) == 3
+    assert a5000["entries"][TOY_KEY]["max_batch"] < json.loads(h100)["entries"][TOY_KEY]["max_batch"]
+    assert baseline(project).read_text() == h100
+
+
+def test_strict_fails_on_a_missing_baseline(project):
+    result = project.runpytest(*SIM, "--autobatch-strict", "-k", "toy")
+    result.assert_outcomes(failed=1, deselected=3)
+    result.stdout.fnmatch_lines(["*no baseline for test_models.py::test_toy::toy on sim-h100*--autobatch-strict*"])
+    assert not baseline(project).exists()
+
+
+def test_ini_options_configure_the_run(project):
+    project.makeini("[pytest]\nautobatch = true\nautobatch_device = sim:a5000\n"
+                    "autobatch_baselines = stored\nautobatch_tolerance = 5%\n")
+    result = project.runpytest()
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["autobatch: device sim:a5000, baselines */stored, throughput tolerance 5%*"])
+    assert (project.path / "stored" / "sim-a5000" / "test_models.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--autobatch-tolerance=fast",), "*argument --autobatch-tolerance: 'fast' is not a tolerance*10%*"),
+    (("--autobatch-memory-tolerance=150%",), "*'150%' is not a tolerance*"),
+    (("--autobatch-device=tpu",), "*argument --autobatch-device: unknown device 'tpu'*sim:PROFILE*"),
+    (("--autobatch-memory-budget=lots",), "*argument --autobatch-memory-budget*not a size*2GiB*"),
+])
+def test_bad_option_values_are_usage_errors(project, args, message):
+    result = project.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_bad_ini_value_is_a_usage_error(project):
+    project.makeini("[pytest]\nautobatch_tolerance = ten\n")
+    result = project.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini option autobatch_tolerance = 'ten'*not a tolerance*"])
+
+
+def test_marker_targets_are_asserted_and_validated(pytester):
+    pytester.makepyfile(test_marked='''
+        import pytest
+        from pytest_autobatch.simulate import SimulatedModel
+        MODEL = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e10)
+
+        @pytest.mark.autobatch(min_speedup=1e6)
+        def test_too_ambitious(optimal_batch):
+            optimal_batch(MODEL)
+
+        @pytest.mark.autobatch(min_speedup=1.5, max_latency_s=10.0)
+        def test_met(optimal_batch):
+            result = optimal_batch(MODEL)
+            result.expect(min_speedup=1.5)
+            with pytest.raises(AssertionError, match="latency .* ms per batch of .* is above"):
+                result.expect(max_latency_s=1e-9)
+
+        @pytest.mark.autobatch
+        def test_marked_only():
+            pass
+
+        def test_device(autobatch_device):
+            assert autobatch_device.name == "sim:h100"
+            assert autobatch_device.hardware_key() == "sim-h100"
+    ''')
+    assert pytester.runpytest("-rs").parseoutcomes() == {"skipped": 4}
+    result = pytester.runpytest(*SIM)
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*toy on sim:h100: speedup *x over batch 1 is below 1000000.00x*"])
+    pytester.makepyfile(test_typo='''
+        import pytest
+        @pytest.mark.autobatch(min_sped=2)
+        def test_typo():
+            pass
+    ''')
+    typo = pytester.runpytest(*SIM, "test_typo.py")
+    assert typo.ret == pytest.ExitCode.USAGE_ERROR
+    typo.stderr.fnmatch_lines(["*unknown @pytest.mark.autobatch argument(s) min_sped*"])
+
+
+def test_unused_entries_are_reported_then_removed_by_update(project):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    project.makepyfile(test_models=MODELS.format(flops=4e10, activations=50_000_000).replace(
+        "def test_toy(", "def no_longer_a_test("))
+
+    narrowed = project.runpytest(*SIM, "test_models.py::test_plain")
+    assert "baseline entry unused" not in narrowed.stdout.str()
+    report = project.runpytest(*SIM)
+    report.assert_outcomes(passed=3)
+    report.stdout.fnmatch_lines(["1 baseline entry unused:", f"  {TOY_KEY}  (*test_models.json)",
+                                 "Re-run with pytest --autobatch --autobatch-update*"])
+    assert TOY_KEY in json.loads(baseline(project).read_text())["entries"]
+
+    deselected = project.runpytest(*SIM, "-k", "not layers")
+    deselected.stdout.fnmatch_lines(["1 baseline entry unused:"])   # gone, not merely deselected
+    project.runpytest(*SIM, "--autobatch-update").stdout.fnmatch_lines(["1 baseline entry removed:"])
+    assert TOY_KEY not in json.loads(baseline(project).read_text())["entries"]
+    assert len(json.loads(baseline(project).read_text())["entries"]) == 2
+
+
+def test_progress_lines_with_verbose_output(project):
+    result = project.runpytest(*SIM, "-v", "-k", "toy")
+    result.stdout.fnmatch_lines(["autobatch: toy on sim:h100: probing batch *",
+                                 "autobatch: toy on sim:h100: batch * out of memory",
+                                 "autobatch: toy on sim:h100: timing batch *"])
+    quiet = project.runpytest(*SIM, "-q", "-k", "toy")
+    assert "probing batch" not in quiet.stdout.str()
+
+
+def test_plain_run_help_and_sim_run_import_no_torch(project):
+    project.makeconftest('''
+        import sys
+        def pytest_unconfigure(config):
+            heavy = sorted(name for name in ("torch", "pynvml", "git", "numpy") if name in sys.modules)
+            with open("imported.txt", "a") as stream:
+                stream.write(",".join(heavy) + "\\n")
+    ''')
+    project.runpytest_subprocess().assert_outcomes(passed=1, skipped=3)
+    assert project.runpytest_subprocess("--help").ret == 0
+    project.runpytest_subprocess(*SIM).assert_outcomes(passed=4)
+    assert (project.path / "imported.txt").read_text().splitlines() == ["", "", ""]
+
+
+def test_xdist_workers_record_everything_and_the_controller_reports(project):
+    first = project.runpytest_subprocess(*SIM, "-n", "2")
+    first.assert_outcomes(passed=4)
+    first.stdout.fnmatch_lines(["*= autobatch =*"])
+    assert len([line for line in first.stdout.lines if "sim:h100" in line and " new " in line]) == 3
+    assert len(json.loads(baseline(project).read_text())["entries"]) == 3
+    second = project.runpytest_subprocess(*SIM, "-n", "2")
+    second.assert_outcomes(passed=4)
+    assert len([line for line in second.stdout.lines if " cached " in line]) == 3
+    assert all(entry["probes"] == 0 for entry in results(project).values())
+    project.makepyfile(test_models=MODELS.format(flops=4e10, activations=50_000_000).replace(
+        "def test_toy(", "def no_longer_a_test("))
+    project.runpytest_subprocess(*SIM, "-n", "2").stdout.fnmatch_lines(
+        ["1 baseline entry unused:", f"  {TOY_KEY}  (*)"])
+
+
+def test_xdist_worker_i_gets_gpu_i_of_the_outer_mask(project, monkeypatch):
+    project.makeconftest('''
+        import os
+        def pytest_sessionstart(session):
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "controller")
+            with open(f"gpu-{worker}.txt", "w") as stream:
+                stream.write(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+    ''')
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    project.runpytest_subprocess("--autobatch", "--autobatch-device=cuda", "-n", "2", "-k", "plain")
+    assert (project.path / "gpu-gw0.txt").read_text() == "3"
+    assert (project.path / "gpu-gw1.txt").read_text() == "5"
+    assert (project.path / "gpu-controller.txt").read_text() == "3,5"
+
+
+def test_pytest_benchmark_gets_hardware_and_results(pytester):
+    pytester.makepyfile(test_bench='''
+        from pytest_autobatch.simulate import SimulatedModel
+        def test_bench(benchmark, optimal_batch):
+            optimal_batch(SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7,
+                                         flops_per_sample=1e10))
+            benchmark(sum, [1, 2, 3])
+    ''')
+    pytester.runpytest(*SIM, "-p", "no:xdist", "--benchmark-json=bench.json").assert_outcomes(passed=1)
+    saved = json.loads((pytester.path / "bench.json").read_text())
+    assert saved["machine_info"]["autobatch"]["hardware_key"] == "sim-h100"
+    assert saved["autobatch"][0]["key"] == "test_bench.py::test_bench::toy"
+    assert saved["benchmarks"][0]["extra_info"]["autobatch"][0]["optimal_batch"] >= 1
+
+
+def test_runs_without_xdist_and_pytest_benchmark(project):
+    project.runpytest(*SIM, "-p", "no:xdist", "-p", "no:benchmark").assert_outcomes(passed=4)

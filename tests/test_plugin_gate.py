@@ -1,0 +1,106 @@
+"""The search-to-entry runner and the regression gate, on simulated GPUs (no pytest machinery)."""
+
+import re
+
+import pytest
+
+from pytest_autobatch.runner import check_entry, remeasure, search_workload
+from pytest_autobatch.simulate import SimulatedModel, simulated_device
+
+MODEL = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=50_000_000,
+                       flops_per_sample=4e10)
+DESIGN_KEYS = {"model", "device", "mode", "model_fingerprint", "model_fingerprint_hash", "optimal_batch",
+               "max_batch", "cap", "max_latency_s", "tolerance", "throughput", "throughput_samples",
+               "batch1_throughput", "batch1_throughput_samples", "speedup", "peak_memory_bytes",
+               "max_batch_peak_memory_bytes", "capacity_bytes", "extras", "search", "probes", "targets",
+               "recorded_at"}
+
+
+def recorded(model=MODEL, profile="sim:h100", **options):
+    device = simulated_device(profile)
+    return search_workload(device, device.workload(model), model=model.name, **options)
+
+
+def gate(entry, model=MODEL, **device_options):
+    device = simulated_device("sim:h100", **device_options)
+    return remeasure(device, device.workload(model), entry)
+
+
+def kinds(findings):
+    return sorted((finding.kind, finding.failed) for finding in findings)
+
+
+def test_search_entry_has_the_documented_fields_and_exact_maximum():
+    device = simulated_device("sim:h100")
+    workload = device.workload(MODEL)
+    entry = search_workload(device, workload, model="toy")
+    assert DESIGN_KEYS <= set(entry)
+    assert entry["max_batch"] == workload.true_max_batch(8192)
+    assert 1 <= entry["optimal_batch"] <= entry["max_batch"]
+    assert entry["speedup"] == pytest.approx(entry["throughput"] / entry["batch1_throughput"])
+    assert entry["targets"]["min_speedup"] == pytest.approx(max(1.0, round(0.8 * entry["speedup"], 2)))
+    batches = [row["batch"] for row in entry["probes"]]
+    assert batches == sorted(set(batches))
+    memory_rows = [row for row in entry["probes"] if row["peak_bytes"] is not None]
+    assert memory_rows and all(row["predicted_bytes"] for row in memory_rows)
+    assert {"oom"} <= {row["outcome"] for row in entry["probes"]}
+    assert entry["search"]["ooms"] == sum(row["outcome"] == "oom" for row in entry["probes"])
+
+
+def test_latency_limit_and_cap_are_kept_in_the_entry():
+    entry = recorded(cap=100, max_latency_s=0.004)
+    assert entry["max_batch"] <= 100 and entry["cap"] == 100
+    assert entry["optimal_batch"] / entry["throughput"] <= 0.004 * 1.1
+    assert entry["targets"]["max_latency_s"] == 0.004
+
+
+def test_unchanged_rerun_passes_the_gate():
+    check = gate(recorded())
+    assert not check.failed and check.oom_batches == []
+    assert abs(check.change) < 0.10 and len(check.throughput_samples) >= 15
+
+
+def test_slower_device_is_a_throughput_regression_naming_model_hardware_and_numbers():
+    check = gate(recorded(), slowdown=1.25)
+    assert kinds(check.findings) == [("throughput_regression", True)]
+    message = check.findings[0].message
+    assert message.startswith("toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression:")
+    change = float(re.search(r"\((-\d+\.\d)%, tolerance 10%, Mann-Whitney p=", message).group(1))
+    assert change == pytest.approx(-20, abs=2)   # 1/1.25 - 1, give or take the timing noise
+
+
+def test_faster_device_is_an_improvement_with_an_update_hint():
+    check = gate(recorded(), slowdown=0.7)
+    assert kinds(check.findings) == [("improvement", False)]
+    assert "--autobatch-update" in check.findings[0].message
+
+
+def test_less_memory_gives_oom_at_the_stored_maximum_not_a_crash():
+    entry = recorded()
+    check = gate(entry, memory_overhead_bytes=4 * 2**30)
+    assert check.oom_batches == [entry["max_batch"]]
+    assert ("oom", True) in kinds(check.findings)
+    oom = next(f for f in check.findings if f.kind == "oom")
+    assert f"stored maximum batch {entry['max_batch']}" in oom.message
+
+
+def test_peak_memory_growth_beyond_tolerance_is_a_memory_regression():
+    entry = recorded()
+    bigger = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=60_000_000,
+                            flops_per_sample=4e10)
+    device = simulated_device("sim:h100")
+    check = remeasure(device, device.workload(bigger), entry, memory_tolerance=0.05)
+    assert ("memory_regression", True) in kinds(check.findings)
+    memory = next(f for f in check.findings if f.kind == "memory_regression")
+    assert "tolerance 5%" in memory.message and "GiB ->" in memory.message
+    assert "fingerprint changed" in memory.message and "activation_bytes_per_sample" in memory.message
+    assert ("model_changed", False) in kinds(check.findings)
+
+
+def test_check_entry_flags_memory_drop_as_improvement():
+    entry = recorded()
+    findings, change = check_entry(entry, throughput_samples=entry["throughput_samples"],
+                                   peak_memory_bytes=entry["peak_memory_bytes"] // 2, oom_batches=[],
+                                   hardware="gpu", fingerprint=entry["model_fingerprint"])
+    assert kinds(findings) == [("improvement", False)] and change == 0.0
+    assert "a larger batch may fit" in findings[0].message

@@ -1,0 +1,152 @@
+"""AutobatchSession (the plugin's logic without pytest), the public API, and xdist GPU spreading."""
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pytest_autobatch
+from pytest_autobatch import stored_optimal_batch
+from pytest_autobatch.errors import BaselineError, ConfigError
+from pytest_autobatch.session import AutobatchSession, Settings, worker_gpu_mask
+from pytest_autobatch.simulate import SimulatedDevice, SimulatedModel
+
+MODEL = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=50_000_000,
+                       flops_per_sample=4e10)
+KEY = "tests/test_models.py::test_toy::toy"
+
+
+def session(tmp_path, **options):
+    return AutobatchSession(Settings(baselines=tmp_path, device="sim:h100", **options))
+
+
+def test_result_is_cached_for_the_session_and_served_from_the_baseline_next_time(tmp_path):
+    first = session(tmp_path)
+    result = first.run("tests/test_models.py::test_toy", MODEL)
+    assert result.status == "new" and result.probes > 0 and not result.cached
+    assert first.run("tests/test_models.py::test_toy", MODEL) is result
+    again = session(tmp_path).run("tests/test_models.py::test_toy", MODEL)
+    assert again.cached and again.probes == 0 and again.ooms == 0
+    assert (again.optimal_batch, again.max_batch) == (result.optimal_batch, result.max_batch)
+
+
+def test_expect_reports_every_missed_target_with_numbers(tmp_path):
+    result = session(tmp_path).run("t.py::test_a", MODEL)
+    assert result.expect(min_speedup=1.0, max_latency_s=1.0) is result
+    with pytest.raises(AssertionError) as caught:
+        result.expect(min_speedup=1e9, min_throughput=1e12, max_memory_bytes=1)
+    message = str(caught.value)
+    assert message.startswith("toy on sim:h100: speedup")
+    assert "is below 1000000000.00x" in message and "samples/s is below" in message and "B is above 1 B" in message
+    result.expect_targets()
+    result.entry["targets"]["min_speedup"] = 1e9
+    with pytest.raises(AssertionError, match="speedup .*Mann-Whitney p="):
+        result.expect_targets()
+
+
+def test_a_speedup_target_missed_by_noise_alone_does_not_fail(tmp_path):
+    result = session(tmp_path).run("t.py::test_a", MODEL)
+    just_above = result.speedup * 1.02    # the medians miss it by 2%, the samples cannot tell
+    assert result.speedup < just_above
+    result.expect(min_speedup=just_above)
+    result.throughput_samples, result.batch1_throughput_samples = [], []
+    with pytest.raises(AssertionError, match="speedup"):
+        result.expect(min_speedup=just_above)   # without raw samples the medians decide
+
+
+def test_bad_call_arguments_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="max_latency_s"):
+        session(tmp_path).run("t.py::test_a", MODEL, max_latency_s=0)
+    with pytest.raises(ConfigError, match="must not contain"):
+        session(tmp_path).run("t.py::test_a", MODEL, name="a::b")
+    with pytest.raises(ConfigError, match="runs SimulatedModel"):
+        session(tmp_path).run("t.py::test_a", object())
+
+
+class SlowSimulatedDevice(SimulatedDevice):
+    """Probes take 50 ms, so concurrent searches overlap unless the search lock serialises them."""
+
+    def workload(self, model, example_input=None, **options):
+        workload = super().workload(model, example_input, **options)
+        fast_probe = workload.probe
+        def probe(batch):
+            time.sleep(0.05)
+            return fast_probe(batch)
+        workload.probe = probe
+        return workload
+
+
+def _run_together(root, barrier, queue):
+    autobatch = AutobatchSession(Settings(baselines=root, device="sim:h100"),
+                                 device_factory=lambda spec, memory_budget: SlowSimulatedDevice(spec))
+    barrier.wait()
+    queue.put(autobatch.run("tests/test_models.py::test_toy", MODEL).status)
+
+
+def test_two_processes_never_search_the_same_entry_twice(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue, barrier = context.Queue(), context.Barrier(3)
+    processes = [context.Process(target=_run_together, args=(tmp_path, barrier, queue)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    statuses = sorted(queue.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(60)
+    assert statuses == ["cached", "cached", "new"]
+
+
+@pytest.mark.parametrize("worker, outer, count, expected", [
+    ("gw0", None, 4, "0"), ("gw3", None, 4, "3"), ("gw5", None, 4, "1"),
+    ("gw1", "3,5", 8, "5"), ("gw2", " 3, 5 ", 8, "3"),
+    ("gw1", None, 1, None), ("gw1", "7", 8, None), ("gw1", None, 0, None), ("master", None, 4, None),
+])
+def test_worker_gpu_mask(worker, outer, count, expected):
+    assert worker_gpu_mask(worker, outer, lambda: count) == expected
+
+
+def test_stored_optimal_batch_for_production_code(tmp_path):
+    recorded = session(tmp_path).run("tests/test_models.py::test_toy", MODEL)
+    for name in ("toy", "tests/test_models.py::test_toy", KEY):
+        assert stored_optimal_batch(name, tmp_path, device="sim:h100") == recorded.optimal_batch
+    assert stored_optimal_batch("toy", tmp_path, device="sim:a5000", default=16) == 16
+    assert stored_optimal_batch("toy", tmp_path, hardware_key="nvidia-b200-179gib", default=None) is None
+    with pytest.raises(ConfigError, match="no baseline for 'resnet50'.*default="):
+        stored_optimal_batch("resnet50", tmp_path, device="sim:h100")
+    other = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**9, flops_per_sample=1e9)
+    session(tmp_path).run("tests/test_models.py::test_other", other)
+    with pytest.raises(ConfigError, match="matches several baselines"):
+        stored_optimal_batch("toy", tmp_path, device="sim:h100")
+
+
+def test_changed_search_settings_are_noted_not_failed(tmp_path):
+    session(tmp_path).run("t.py::test_a", MODEL)
+    result = session(tmp_path).run("t.py::test_a", MODEL, cap=64, max_latency_s=0.5)
+    assert result.cached and not result.failed
+    note = next(finding for finding in result.findings if finding.kind == "settings_changed")
+    assert "cap 8192 -> 64" in note.message and "max_latency_s None -> 0.5" in note.message
+
+
+def test_incomplete_entry_is_a_baseline_error_and_is_kept(tmp_path):
+    first = session(tmp_path)
+    first.run("t.py::test_a", MODEL)
+    path = first.store.path("t")
+    document = json.loads(path.read_text())
+    del document["entries"]["t.py::test_a::toy"]["throughput_samples"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(BaselineError, match="lacks valid throughput_samples.*--autobatch-update"):
+        session(tmp_path).run("t.py::test_a", MODEL)
+    assert json.loads(path.read_text()) == document
+
+
+def test_public_api_resolves_every_name_without_importing_torch():
+    code = ("import sys, pytest_autobatch as p\n"
+            "assert 'pytest_autobatch.search' not in sys.modules\n"
+            "missing = [name for name in p.__all__ if getattr(p, name, None) is None]\n"
+            "assert not missing, missing\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pytest_autobatch.nothing

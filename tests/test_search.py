@@ -1,0 +1,283 @@
+"""Invariants of the batch-size searches, checked with Hypothesis against the simulated GPU."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from pytest_autobatch.errors import ConfigError, NoBatchFits, OutOfMemory
+from pytest_autobatch.search import Probe, find_max_batch, find_optimal_batch, predicted_max_batch
+from pytest_autobatch.simulate import SimulatedDevice, SimulatedModel, model_for_max_batch
+from pytest_autobatch.strategies import simulated_models, simulated_workloads
+
+SEARCH = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SWEEP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+caps = st.sampled_from([1, 7, 64, 1000, 8192])
+
+
+def run(workload, cap=8192, *, capacity=True, start=False):
+    """The search as the plugin runs it: the device's capacity, and a start from predicted memory."""
+    device = workload.device
+    capacity_bytes = device.capacity_bytes() if capacity else None
+    predicted = predicted_max_batch(workload.predict_peak_bytes, device.capacity_bytes(), cap) if start else None
+    return find_max_batch(workload.probe, cap=cap, capacity_bytes=capacity_bytes, start=predicted or None)
+
+
+@SEARCH
+@given(simulated_workloads(modes=("inference", "train")), caps, st.booleans(), st.booleans())
+def test_the_maximum_is_exact_and_certified(workload, cap, capacity, start):
+    if workload.true_max_batch(cap) == 0:  # training needs more memory than the range was drawn for
+        with pytest.raises(NoBatchFits):
+            run(workload, cap, capacity=capacity, start=start)
+        return
+    result = run(workload, cap, capacity=capacity, start=start)
+    assert result.max_batch == workload.true_max_batch(cap)
+    outcomes = {probe.batch: probe.fits for probe in result.probes}
+    assert outcomes[result.max_batch] is True  # never an untested (or OOM-ing) answer
+    if result.max_batch < cap:
+        assert outcomes[result.max_batch + 1] is False
+    assert all(probe.batch <= cap for probe in result.probes)
+    assert result.ooms == sum(not fits for fits in outcomes.values()) == sum(p.peak_bytes is None for p in result.probes)
+    assert result.peak_bytes == workload.needed_bytes(result.max_batch)
+    # Without a given capacity, the first OOM's (the simulator names the memory available) supplies it.
+    learned = capacity or result.ooms
+    assert result.capacity_bytes == (workload.device.capacity_bytes() if learned else None)
+
+
+@SEARCH
+@given(simulated_workloads(), st.booleans())
+def test_probes_stay_within_twice_log2_of_the_maximum(workload, capacity):
+    result = run(workload, capacity=capacity)
+    assert len(result.probes) <= 2 * math.log2(result.max_batch) + 3
+
+
+@SEARCH
+@given(simulated_workloads(), st.booleans())
+def test_with_known_capacity_at_most_three_ooms(workload, start):
+    assert run(workload, start=start).ooms <= 3
+
+
+@SEARCH
+@given(simulated_models(), st.floats(0.05, 0.95), st.booleans())
+def test_more_memory_never_lowers_the_maximum(model, fraction, start):
+    large = SimulatedDevice("h100")
+    small = SimulatedDevice("h100", capacity_bytes=int(large.capacity_bytes() * fraction))
+    try:
+        on_small = run(small.workload(model), start=start).max_batch
+    except NoBatchFits:
+        on_small = 0
+    assert on_small <= run(large.workload(model), start=start).max_batch
+
+
+@SEARCH
+@given(simulated_models(), st.integers(0, 100))
+def test_a_seeded_device_gives_the_same_search_and_samples(model, seed):
+    def search():
+        workload = SimulatedDevice("a5000", seed=seed).workload(model)
+        try:
+            result = run(workload, start=True)
+        except NoBatchFits:
+            return None
+        optimal = find_optimal_batch(workload.measure, max_batch=result.max_batch)
+        return result.probes, optimal.measurements
+
+    assert search() == search()
+
+
+@SEARCH
+@given(simulated_workloads(batch_one_fits=False), st.booleans())
+def test_no_batch_fits_names_memory_needed_and_available(workload, capacity):
+    with pytest.raises(NoBatchFits, match=r"batch 1 does not fit in memory: it needs [\d.,]+ (GiB|bytes), "
+                                          r"[\d.,]+ (GiB|bytes) available"):
+        run(workload, capacity=capacity)
+    assert workload.probes == [1]
+
+
+def test_no_batch_fits_with_a_bare_oom_names_the_error_and_the_capacity():
+    def probe(batch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(NoBatchFits, match=r"batch 1 does not fit in memory: 3\.00 GiB available\."):
+        find_max_batch(probe, capacity_bytes=3 << 30)
+    with pytest.raises(NoBatchFits, match="Tried to allocate 2.00 GiB"):
+        find_max_batch(probe)
+
+
+@pytest.mark.parametrize("error", [ValueError("shape mismatch"), RuntimeError("CUDA error: illegal memory access"),
+                                   KeyError("input")])
+def test_errors_that_are_not_oom_propagate_unchanged(error):
+    def probe(batch):
+        if batch > 3:
+            raise error
+        return batch * 1000
+
+    with pytest.raises(type(error)) as raised:
+        find_max_batch(probe, capacity_bytes=10 ** 6)
+    assert raised.value is error
+
+
+def test_without_capacity_an_oom_naming_the_memory_available_guides_the_rest():
+    capacity = 10 ** 9 + 1001 * 10 ** 6 + 5 * 10 ** 5  # 1 GB of weights, 1 MB per sample: 1001 fit
+
+    def probe(batch, error_type):
+        needed = 10 ** 9 + batch * 10 ** 6
+        if needed > capacity:
+            if error_type is OutOfMemory:
+                raise OutOfMemory("simulated OOM", needed_bytes=needed, available_bytes=capacity)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return needed
+
+    told = find_max_batch(lambda b: probe(b, OutOfMemory))
+    bare = find_max_batch(lambda b: probe(b, RuntimeError))
+    assert told.max_batch == bare.max_batch == 1001
+    assert told.capacity_bytes == capacity and bare.capacity_bytes is None
+    # Doubling to 1024 (11 probes) finds the bracket either way; then memory closes it in a few
+    # probes where bisection needs about log2(512) = 9.
+    assert len(told.probes) <= 11 + 3 < len(bare.probes)
+    assert told.ooms <= 2
+
+
+def test_the_cap_is_probed_when_everything_fits():
+    seen = []
+
+    def probe(batch):
+        seen.append(batch)
+        return 100 + batch
+
+    assert find_max_batch(probe, cap=300).max_batch == 300
+    assert seen[-1] == 300 and max(seen) == 300
+    assert find_max_batch(lambda b: 7, cap=1).probes == [Probe(1, 7)]
+
+
+@pytest.mark.parametrize("cap", [0, -5, 2.5, "8", True])
+def test_a_bad_cap_is_a_config_error(cap):
+    with pytest.raises(ConfigError, match="cap must be an integer >= 1"):
+        find_max_batch(lambda b: 1, cap=cap)
+
+
+@pytest.mark.parametrize("peak", [-1, "1 GiB", None, float("nan"), float("inf"), True])
+def test_a_bad_peak_is_a_config_error(peak):
+    with pytest.raises(ConfigError, match=r"probe\(1\) returned .*peak memory in bytes"):
+        find_max_batch(lambda b: peak)
+
+
+@pytest.mark.parametrize("options, message", [({"capacity_bytes": 0}, "capacity_bytes must be > 0"),
+                                              ({"start": 0}, "start must be an integer >= 1")])
+def test_bad_capacity_or_start_is_a_config_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        find_max_batch(lambda b: 1, **options)
+
+
+def test_predicted_max_batch_lands_near_the_limit_of_a_simulated_model():
+    device = SimulatedDevice("sim:h100")
+    workload = device.workload(SimulatedModel("curved", weights_bytes=2_000_000_000,
+                                              activation_bytes_per_sample=40_000_000,
+                                              curvature_bytes=20_000, flops_per_sample=1e9))
+    true_max = workload.true_max_batch(8192)
+    start = predicted_max_batch(workload.predict_peak_bytes, device.capacity_bytes(), 8192)
+    assert abs(start - true_max) / true_max < 0.15
+    assert predicted_max_batch(workload.predict_peak_bytes, device.capacity_bytes(), 1) == 1
+
+
+def test_predicted_max_batch_inverts_a_prediction():
+    assert predicted_max_batch(lambda b: 100 + 10 * b, 1100, cap=8192) == 100
+    assert predicted_max_batch(lambda b: 100 + 10 * b, 1100, cap=50) == 50
+    assert predicted_max_batch(lambda b: 2000, 1100) == 0
+    assert predicted_max_batch(lambda b: None, 1100) is None
+
+
+def _expected_best(workload, max_batch):
+    return max(workload.expected_throughput(b) for b in range(1, max_batch + 1))
+
+
+@SWEEP
+@given(simulated_workloads(max_max_batch=4096, timing_noise=0.0))
+def test_optimal_is_within_tolerance_of_the_exhaustive_best(workload):
+    max_batch = workload.true_max_batch(8192)
+    result = find_optimal_batch(workload.measure, max_batch=max_batch)
+    assert 1 <= result.optimal_batch <= result.best_batch <= max_batch
+    assert result.throughput >= (1 - result.tolerance) * result.best_throughput
+    assert result.throughput >= (1 - result.tolerance - 0.02) * _expected_best(workload, max_batch)
+    smaller = [batch for batch in result.measurements if batch < result.optimal_batch]
+    assert all(statistics.median(result.measurements[batch]) < (1 - result.tolerance) * result.best_throughput
+               for batch in smaller)
+
+
+@SWEEP
+@given(simulated_workloads(max_max_batch=4096))
+def test_optimal_with_noise_stays_close_and_uses_few_measurements(workload):
+    max_batch = workload.true_max_batch(8192)
+    result = find_optimal_batch(workload.measure, max_batch=max_batch)
+    best = _expected_best(workload, max_batch)
+    assert workload.expected_throughput(result.best_batch) >= 0.9 * best
+    assert all(samples and batch <= max_batch for batch, samples in result.measurements.items())
+    if max_batch >= 64:
+        assert len(result.measurements) <= max_batch / 3
+
+
+@SWEEP
+@given(simulated_workloads(min_max_batch=2, max_max_batch=4096), st.floats(0.0, 1.0))
+def test_the_latency_limit_is_respected(workload, where):
+    max_batch = workload.true_max_batch(8192)
+    limit = workload.step_time_s(max(1, int(max_batch * where))) * 1.1
+    try:
+        result = find_optimal_batch(workload.measure, max_batch=max_batch, max_latency_s=limit)
+    except ConfigError as error:
+        assert "batch 1 takes" in str(error)
+        return
+    assert result.latency_s(result.optimal_batch) <= limit
+    assert result.latency_s(result.best_batch) <= limit
+    assert result.max_latency_s == limit
+
+
+def test_a_latency_limit_no_batch_meets_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"no batch meets max_latency_s=0\.001: batch 1 takes 0\.01 s"):
+        find_optimal_batch(lambda b: [100.0], max_batch=8, max_latency_s=0.001)
+
+
+@pytest.mark.parametrize("samples, message", [([], "returned no samples"),
+                                              ([1.0, float("nan")], "returned nan"),
+                                              ([float("inf")], "returned inf"),
+                                              ([-3.0], "returned -3.0"),
+                                              (["fast"], "returned 'fast'")])
+def test_bad_samples_are_a_config_error(samples, message):
+    with pytest.raises(ConfigError, match=message):
+        find_optimal_batch(lambda b: samples, max_batch=4)
+
+
+@pytest.mark.parametrize("options, message", [({"max_batch": 0}, "max_batch must be an integer >= 1"),
+                                              ({"max_batch": 4, "tolerance": 1.0}, "tolerance must be"),
+                                              ({"max_batch": 4, "max_latency_s": 0}, "max_latency_s must be")])
+def test_bad_optimal_options_are_a_config_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        find_optimal_batch(lambda b: [1.0], **options)
+
+
+def test_optimal_finds_a_peak_between_powers_of_two():
+    workload = SimulatedDevice("h100", timing_noise=0.0).workload(
+        SimulatedModel("knee", 10 ** 9, 10 ** 7, 4e10, knee_batch=300, falloff=2.0))
+    result = find_optimal_batch(workload.measure, max_batch=4000)
+    assert abs(result.best_batch - 300) <= 15
+    assert len(result.measurements) <= 30
+
+
+def test_optimal_keeps_the_raw_samples():
+    def measure(batch):
+        return [batch * 10.0, batch * 11.0, batch * 12.0]
+
+    result = find_optimal_batch(measure, max_batch=16)
+    assert result.measurements[16] == [160.0, 176.0, 192.0]
+    assert result.throughput == 176.0 and result.optimal_batch == 16
+    assert result.latency_s(16) == pytest.approx(16 / 176.0)
+
+
+def test_a_simulated_oom_is_what_the_search_catches():
+    device = SimulatedDevice("rtx5070ti")
+    workload = device.workload(model_for_max_batch("rtx5070ti", 40, weights_fraction=0.5))
+    with pytest.raises(OutOfMemory):
+        workload.probe(10_000)
+    assert find_max_batch(workload.probe, capacity_bytes=device.capacity_bytes()).max_batch == \
+        workload.true_max_batch(8192)
