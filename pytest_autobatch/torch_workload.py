@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .device import MODES
-from .errors import ConfigError
+from .errors import ConfigError, NoBatchFits, is_oom_error
 from .stats import median
 from .torch_measure import Meter, TimingBudget, measure_throughput
 from .torch_memory import FakeModel, Prediction, predict, state_tensors
@@ -234,9 +234,26 @@ class TorchWorkload:
         self._owns_optimizer = mode == "train" and options.get("optimizer") is None
         self._was_training = model.training
         model.train(mode == "train")
+        self._check_example_fits_model()
         self._predictions: dict[int, Prediction | str] = {}
         self._throughput: dict[int, float] = {}
         self._measure_extras: dict[int, dict[str, Any]] = {}
+
+    def _check_example_fits_model(self) -> None:
+        """One forward pass on the example as given, so a model and an example input that do not go
+        together fail here with a message that says so, not deep inside the search."""
+        try:
+            with torch.no_grad(), self._autocast():
+                call_model(self.model, self.example)
+        except Exception as exc:
+            if is_oom_error(exc):
+                raise NoBatchFits(f"{type(self.model).__name__}: the example input alone does not fit "
+                                  f"on {self.backend.name}: {exc}") from exc
+            raise ConfigError(
+                f"{type(self.model).__name__} fails on the example input {_describe(self.example)} "
+                f"(per-sample shapes, batch dimension first): {type(exc).__name__}: {exc}. "
+                f"Give an example input that the model's forward takes; this is not an out-of-memory "
+                f"error") from exc
 
     def _check_model_device(self) -> None:
         target = self.backend.torch_device

@@ -222,6 +222,23 @@ def test_bad_example_inputs(linear, example, message):
         CpuDevice().workload(linear, example)
 
 
+def test_example_input_that_does_not_fit_the_model_is_named_with_its_shape(linear):
+    with pytest.raises(ConfigError, match=r"Linear fails on the example input \{'shape': \[5\].*"
+                                          r"RuntimeError: .*not an out-of-memory error") as caught:
+        CpuDevice().workload(linear, torch.zeros(1, 5))
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_a_model_error_that_is_not_about_the_input_keeps_its_cause():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("a bug in forward")
+
+    with pytest.raises(ConfigError, match="ValueError: a bug in forward") as caught:
+        CpuDevice().workload(Broken(), torch.zeros(1, 4))
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
 def test_model_on_another_device_is_refused(linear):
     meta_model = torch.nn.Linear(4, 2, device="meta")
     with pytest.raises(ConfigError, match=r"weight on meta, but device 'cpu' .* model.to\('cpu'\)"):
