@@ -51,7 +51,7 @@ def gate_figures() -> None:
     """Two ways to rerun: against one recorded baseline (as CI does), and each rerun against its
     own freshly recorded baseline (so the baseline's own noise is sampled too)."""
     print(f"1. Regression gate on sim:h100, {RERUNS} reruns per cell, tolerance 10%, Mann-Whitney alpha 1%,")
-    print("   15 raw samples a side; 'drop' is the true throughput drop (the device's slowdown).")
+    print("   15 raw samples a side (30 when noisy); 'drop' is the true throughput drop (the device's slowdown).")
     print(f"   {'model':<14} {'noise':>5} {'drop':>5}  {'failed, one baseline':>21}  {'failed, fresh baselines':>23}"
           f"  {'median change':>13}")
     for noise in (0.02, 0.05):

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .errors import ConfigError, is_oom_error
-from .stats import compare_throughput, median
+from .stats import NOISY_SPREAD, compare_throughput, median, summarize
 from .units import format_bytes
 
 DEFAULT_CAP = 8192
@@ -26,7 +26,8 @@ DEFAULT_MEMORY_TOLERANCE = 0.10
 #: Raw samples the gate wants on each side: with 15 against 15 the rank test stays significant for
 #: a real drop even when a few baseline samples are slow outliers.
 GATE_SAMPLES = 15
-#: At most this many measure() calls to gather GATE_SAMPLES (a device may give few per call).
+#: At most this many measure() calls to gather GATE_SAMPLES (a device may give few per call);
+#: twice as many for twice the samples when they are noisy.
 GATE_MEASURE_CALLS = 4
 
 #: Recorded speedup target: this share of the measured speedup, never below 1.
@@ -82,12 +83,16 @@ class _Recorder:
         return samples
 
 
-def gate_samples(measure: Callable[[int], list[float]], batch: int,
-                 samples: list[float] | None = None) -> list[float]:
-    """Raw throughput samples at ``batch``, topped up to GATE_SAMPLES by further measure calls."""
-    collected = list(samples or [])
-    for _ in range(GATE_MEASURE_CALLS):
-        if len(collected) >= GATE_SAMPLES:
+def gate_samples(measure: Callable[[int], list[float]], batch: int) -> list[float]:
+    """Raw throughput samples at ``batch``: GATE_SAMPLES, or twice that when they are noisy.
+
+    With a spread (IQR/median) above NOISY_SPREAD a few slow outliers can take a quarter of 15
+    samples and hide a real drop from the rank test; 30 samples keep it significant.
+    """
+    collected: list[float] = []
+    for _ in range(2 * GATE_MEASURE_CALLS):
+        noisy = len(collected) >= GATE_SAMPLES and summarize(collected).spread > NOISY_SPREAD
+        if len(collected) >= (2 * GATE_SAMPLES if noisy else GATE_SAMPLES):
             break
         collected.extend(measure(batch))
     return collected
