@@ -60,13 +60,7 @@ class _Recorder:
         self.predicted[batch] = self.workload.predict_peak_bytes(batch)
         self.progress(f"{self.label}: probing batch {batch}")
         self.probe_calls += 1
-        try:
-            peak = self.workload.probe(batch)
-        except Exception as exc:
-            if is_oom_error(exc):
-                self.peaks[batch] = None
-                self.progress(f"{self.label}: batch {batch} out of memory")
-            raise
+        peak = self._noting_oom(self.workload.probe, batch, "")
         self.peaks[batch] = peak
         self.progress(f"{self.label}: batch {batch} fits ({format_bytes(peak)})")
         return peak
@@ -78,9 +72,19 @@ class _Recorder:
 
     def measure(self, batch: int) -> list[float]:
         self.progress(f"{self.label}: timing batch {batch}")
-        samples = self.workload.measure(batch)
+        samples = self._noting_oom(self.workload.measure, batch, " while timing")
         self.progress(f"{self.label}: batch {batch} runs {median(samples):,.1f} samples/s")
         return samples
+
+    def _noting_oom(self, action: Callable[[int], Any], batch: int, when: str) -> Any:
+        """Run ``action(batch)``; an OOM is recorded against the batch (and re-raised for the search)."""
+        try:
+            return action(batch)
+        except Exception as exc:
+            if is_oom_error(exc):
+                self.peaks[batch] = None
+                self.progress(f"{self.label}: batch {batch} out of memory{when}")
+            raise
 
 
 def gate_samples(measure: Callable[[int], list[float]], batch: int) -> list[float]:
@@ -119,8 +123,6 @@ def search_workload(device: Any, workload: Any, *, model: str, cap: int | None =
     from .search import find_max_batch, find_optimal_batch, predicted_max_batch
 
     cap = DEFAULT_CAP if cap is None else cap
-    if not isinstance(cap, int) or cap < 1:
-        raise ConfigError(f"cap must be a positive whole number of samples, got {cap!r}")
     began = time.perf_counter()
     recorder = _Recorder(workload, f"{model} on {device.name}", progress or _silent)
     capacity = device.capacity_bytes()
@@ -129,9 +131,10 @@ def search_workload(device: Any, workload: Any, *, model: str, cap: int | None =
     max_result = find_max_batch(recorder.probe, cap=cap, capacity_bytes=capacity, start=start)
     optimal = find_optimal_batch(recorder.measure, max_batch=max_result.max_batch,
                                  tolerance=tolerance, max_latency_s=max_latency_s)
+    max_batch = optimal.max_batch   # below max_result's when a batch ran out of memory while timed
     batch1_samples = optimal.measurements.get(1) or recorder.measure(1)
     peak_at_optimal = recorder.peak_at(optimal.optimal_batch)
-    peak_at_max = recorder.peak_at(max_result.max_batch)
+    peak_at_max = recorder.peak_at(max_batch)
     # Fresh samples for the baseline: the sweep's samples at the optimal batch are the ones that
     # won the comparison, biased high, and a re-measurement would read them as a regression.
     samples = gate_samples(recorder.measure, optimal.optimal_batch)
@@ -145,7 +148,7 @@ def search_workload(device: Any, workload: Any, *, model: str, cap: int | None =
         "model_fingerprint": fingerprint,
         "model_fingerprint_hash": fingerprint_hash(fingerprint),
         "optimal_batch": optimal.optimal_batch,
-        "max_batch": max_result.max_batch,
+        "max_batch": max_batch,
         "cap": cap,
         "max_latency_s": max_latency_s,
         "tolerance": tolerance,
@@ -158,7 +161,7 @@ def search_workload(device: Any, workload: Any, *, model: str, cap: int | None =
         "max_batch_peak_memory_bytes": peak_at_max,
         "capacity_bytes": capacity,
         "extras": workload.extras(optimal.optimal_batch),
-        "search": {"probes": recorder.probe_calls, "ooms": max_result.ooms,
+        "search": {"probes": recorder.probe_calls, "ooms": max_result.ooms + len(optimal.oom_batches),
                    "skipped": list(max_result.skipped), "measurements": len(optimal.measurements),
                    "seconds": round(time.perf_counter() - began, 3)},
         "probes": _probe_rows(recorder, optimal),
@@ -235,9 +238,10 @@ def check_entry(entry: dict[str, Any], *, throughput_samples: list[float],
                       optimal: ("optimal", entry.get("peak_memory_bytes"))}
     findings: list[Finding] = []
     for batch in oom_batches:
-        which, recorded = recorded_peaks.get(batch, ("stored", None))
-        findings.append(Finding("oom", f"{who}: out of memory at the stored {which} batch {batch} "
-                                f"(recorded peak {format_bytes(recorded)}); the model now needs more "
+        which, recorded = recorded_peaks.get(batch, (None, None))
+        where = f"the stored {which} batch {batch} (recorded peak {format_bytes(recorded)})" if which \
+            else f"batch {batch}"
+        findings.append(Finding("oom", f"{who}: out of memory at {where}; the model now needs more "
                                 "memory or the device has less free", True))
     change = None
     if throughput_samples:

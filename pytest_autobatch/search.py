@@ -87,6 +87,10 @@ class OptimalBatchResult:
     measurements: dict[int, list[float]]
     tolerance: float = 0.03
     max_latency_s: float | None = None
+    #: Batches that ran out of memory while being timed; the search then stayed below them.
+    oom_batches: list[int] = field(default_factory=list)
+    #: The largest batch the search could use: max_batch as asked, or lower after timing OOMs.
+    max_batch: int = 0
 
     def latency_s(self, batch: int) -> float:
         """Seconds per batch at ``batch``: the batch over its median throughput."""
@@ -471,6 +475,39 @@ def find_optimal_batch(measure: Callable[[int], list[float]], *, max_batch: int,
                           f"got {tolerance!r}")
     if max_latency_s is not None and not max_latency_s > 0:
         raise ConfigError(f"max_latency_s must be > 0 seconds or None, got {max_latency_s!r}")
+    measured: dict[int, list[float]] = {}
+    oom_batches: list[int] = []
+
+    def measure_once(batch: int) -> list[float]:
+        if batch not in measured:
+            try:
+                measured[batch] = measure(batch)
+            except Exception as exc:
+                if is_oom_error(exc):
+                    oom_batches.append(batch)
+                raise
+        return measured[batch]
+
+    while True:
+        try:
+            result = _optimal_batch(measure_once, max_batch, tolerance, max_latency_s)
+        except Exception as exc:
+            # Timing runs more steps than a probe: fragmentation or autotuning can tip a batch at
+            # the memory edge over. Search again below it, reusing what was measured; bisect between the largest batch timed and the one that failed: a few OOMs at most.
+            if not is_oom_error(exc) or not oom_batches:
+                raise
+            failed = min(oom_batches)
+            max_batch = (max((b for b in measured if b < failed), default=0) + failed) // 2
+            if max_batch < 1:
+                raise NoBatchFits(f"batch 1 ran out of memory while being timed ({exc})") from exc
+            continue
+        result.oom_batches = sorted(oom_batches)
+        result.max_batch = max_batch
+        return result
+
+
+def _optimal_batch(measure: Callable[[int], list[float]], max_batch: int, tolerance: float,
+                   max_latency_s: float | None) -> OptimalBatchResult:
     sweep = _ThroughputSweep(measure, max_latency_s)
     batch = 1
     while True:

@@ -7,15 +7,16 @@ re-measured and gated when it exists. Results are cached for the session.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .baselines import BaselineStore, entry_key
 from .errors import BaselineError, ConfigError
+from .runner import (DEFAULT_CAP, DEFAULT_MEMORY_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE, Finding, Progress,
+                     remeasure, search_workload)
 from .stats import speedup_below
-from .runner import (DEFAULT_CAP, DEFAULT_MEMORY_TOLERANCE, DEFAULT_SEARCH_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE,
-                     Finding, Progress, remeasure, search_workload)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ class BatchResult:
 
     @property
     def latency_s(self) -> float:
-        """Seconds per batch at the optimal batch."""
-        return self.optimal_batch / self.throughput
+        """Seconds per batch at the optimal batch; infinite when it could not be timed (an OOM)."""
+        return self.optimal_batch / self.throughput if self.throughput > 0 else math.inf
 
     @property
     def failed(self) -> bool:
@@ -130,9 +131,11 @@ class BatchResult:
                 "baseline_path": self.baseline_path}
 
 
-def model_name(model: Any) -> str:
+def model_name(model: Any, mode: str = "inference") -> str:
+    """The default entry name: the model's ``name`` or class, with the mode unless it is inference."""
     name = getattr(model, "name", None)
-    return name if isinstance(name, str) and name else type(model).__name__
+    name = name if isinstance(name, str) and name else type(model).__name__
+    return name if mode == "inference" else f"{name}-{mode}"
 
 
 def worker_gpu_mask(worker_id: str, outer_mask: str | None, gpu_count: Callable[[], int]) -> str | None:
@@ -163,6 +166,7 @@ class AutobatchSession:
         self._device: Any = None
         self._store: BaselineStore | None = None
         self.results: dict[str, BatchResult] = {}
+        self._callers: dict[str, tuple[int, str]] = {}   # key -> (id of the model, mode) that owns it
 
     @property
     def device(self) -> Any:
@@ -175,10 +179,6 @@ class AutobatchSession:
         return self._device
 
     @property
-    def device_ready(self) -> bool:
-        return self._device is not None
-
-    @property
     def store(self) -> BaselineStore:
         if self._store is None:
             device = self.device
@@ -189,8 +189,11 @@ class AutobatchSession:
             name: str | None = None, max_latency_s: float | None = None, cap: int | None = None,
             **options: Any) -> BatchResult:
         """The result for ``model`` in test ``nodeid``: searched once per session, else from the baseline."""
-        key = entry_key(nodeid, name or model_name(model))
+        key = entry_key(nodeid, name or model_name(model, mode))
         if key in self.results:
+            if self._callers[key] != (id(model), mode):
+                raise ConfigError(f"{key} is already the name of another model or mode in this test: "
+                                  f"give each optimal_batch call its own name='...'")
             return self.results[key]
         if max_latency_s is not None and not max_latency_s > 0:
             raise ConfigError(f"max_latency_s must be a positive number of seconds, got {max_latency_s!r}")
@@ -200,6 +203,7 @@ class AutobatchSession:
         finally:
             workload.close()
         self.results[key] = result
+        self._callers[key] = (id(model), mode)
         return result
 
     def _result(self, key: str, workload: Any, *, max_latency_s: float | None,
@@ -220,8 +224,7 @@ class AutobatchSession:
                 return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s)
             name = key.rpartition("::")[2]
             entry = search_workload(self.device, workload, model=name, cap=cap,
-                                    max_latency_s=max_latency_s, tolerance=DEFAULT_SEARCH_TOLERANCE,
-                                    progress=self.progress)
+                                    max_latency_s=max_latency_s, progress=self.progress)
             path = store.put(key, entry)
         search = entry["search"]
         return BatchResult(key=key, name=name, device=self.device.name, hardware_key=store.hardware_key,

@@ -54,18 +54,18 @@ class _TorchDevice:
     def hardware_key(self) -> str:
         return hardware.hardware_key(self.hardware())
 
-    def _allocated_bytes(self, tracker: LiveMemory | None) -> int:
+    def allocated_bytes(self, tracker: LiveMemory | None = None) -> int:
         raise NotImplementedError
 
     def release(self) -> None:
         gc.collect()
 
-    def _after_oom(self, exc: BaseException, batch: int, before: int, tracker: LiveMemory | None,
+    def after_oom(self, exc: BaseException, batch: int, before: int, tracker: LiveMemory | None,
                    *, limit: str, needed: int | None, available: int | None) -> OutOfMemory:
         """Free what the failed step held, record whether memory came back, and describe the OOM."""
         traceback.clear_frames(exc.__traceback__)  # the frames' locals hold the batch and activations
         self.release()
-        after = self._allocated_bytes(tracker)
+        after = self.allocated_bytes(tracker)
         leaked = max(0, after - before)
         self.oom_events.append({"batch": batch, "limit": limit, "allocated_before_bytes": before,
                                 "allocated_after_bytes": after, "leaked_bytes": leaked})
@@ -100,7 +100,7 @@ class CpuDevice(_TorchDevice):
     def capacity_bytes(self) -> int:
         return self.budget_bytes
 
-    def _allocated_bytes(self, tracker: LiveMemory | None) -> int:
+    def allocated_bytes(self, tracker: LiveMemory | None = None) -> int:
         return tracker.live_bytes if tracker is not None else 0
 
     def probe_peak(self, workload: TorchWorkload, batch: int) -> int:
@@ -114,7 +114,7 @@ class CpuDevice(_TorchDevice):
             if not is_oom_error(exc):
                 raise
             over_budget = isinstance(exc, OutOfMemory) and exc.limit == "budget"
-            raise self._after_oom(exc, batch, before, tracker,
+            raise self.after_oom(exc, batch, before, tracker,
                                   limit="budget" if over_budget else "device",
                                   needed=getattr(exc, "needed_bytes", None),
                                   available=self.budget_bytes) from None
@@ -156,7 +156,7 @@ class CudaDevice(_TorchDevice):
         capacity = free + torch.cuda.memory_reserved(self.index)
         return min(capacity, self.budget_bytes) if self.budget_bytes else capacity
 
-    def _allocated_bytes(self, tracker: LiveMemory | None) -> int:
+    def allocated_bytes(self, tracker: LiveMemory | None = None) -> int:
         return torch.cuda.memory_allocated(self.index)
 
     def release(self) -> None:
@@ -173,7 +173,7 @@ class CudaDevice(_TorchDevice):
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
-            raise self._after_oom(exc, batch, before, None, limit="device", needed=None,
+            raise self.after_oom(exc, batch, before, None, limit="device", needed=None,
                                   available=self.capacity_bytes()) from None
         peak = torch.cuda.max_memory_allocated(self.index)
         self._probe_records[batch] = {"peak_allocated_bytes": peak,

@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Callable, Protocol
 
 import torch
@@ -59,6 +60,13 @@ class TorchBackend(Protocol):
     def energy_meter(self) -> Meter | None: ...
 
     def other_allocated_bytes(self, workload: "TorchWorkload") -> int: ...
+
+    def allocated_bytes(self) -> int: ...
+
+    def capacity_bytes(self) -> int | None: ...
+
+    def after_oom(self, exc: BaseException, batch: int, before: int, tracker: Any, *, limit: str,
+                  needed: int | None, available: int | None) -> Exception: ...
 
     def probe_extras(self, batch: int) -> dict[str, Any]: ...
 
@@ -304,10 +312,7 @@ class TorchWorkload:
             tokens = self.max_new_tokens
             generate_kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                    pad_token_id=self._pad_token_id())
-            if isinstance(inputs, dict):
-                self.model.generate(**inputs, **generate_kwargs)
-            else:
-                self.model.generate(inputs, **generate_kwargs)
+            call_model(partial(self.model.generate, **generate_kwargs), inputs)
 
     def run_batch(self, batch: int, optimizer: torch.optim.Optimizer | None = None,
                   example: Any = None) -> None:
@@ -399,10 +404,18 @@ class TorchWorkload:
 
     def measure(self, batch: int) -> list[float]:
         self.ensure_steady_state()
+        before = self.backend.allocated_bytes()
         inputs = expand_batch(self.example, batch)
         meter = self.backend.energy_meter()
-        timing = measure_throughput(lambda: self.step(inputs), batch, budget=self.timing,
-                                    sync=self.backend.synchronize, meter=meter)
+        try:
+            timing = measure_throughput(lambda: self.step(inputs), batch, budget=self.timing,
+                                        sync=self.backend.synchronize, meter=meter)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            del inputs   # before the memory check: the batch itself is the workload's
+            raise self.backend.after_oom(exc, batch, before, None, limit="device", needed=None,
+                                         available=self.backend.capacity_bytes()) from None
         self._throughput[batch] = median(timing.samples)
         extras: dict[str, Any] = {}
         if meter is not None:

@@ -37,7 +37,9 @@ def outcome(run):
 
 def test_cpu_budget_search_records_the_exact_maximum_then_serves_it_cached(pytester):
     pytester.makepyfile(test_project=PROJECT)
-    args = ("--autobatch", "--autobatch-device=cpu", "--autobatch-memory-budget=24MiB", "-s")
+    # The gate's tolerance is wide: this checks the search and the cache, and CI shares the cores.
+    args = ("--autobatch", "--autobatch-device=cpu", "--autobatch-memory-budget=24MiB",
+            "--autobatch-tolerance=90%", "-s")
 
     first = pytester.runpytest_subprocess(*args)   # in-process reruns would re-import torch
     first.assert_outcomes(passed=1)

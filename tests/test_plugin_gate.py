@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from pytest_autobatch.errors import OutOfMemory
 from pytest_autobatch.runner import check_entry, remeasure, search_workload
 from pytest_autobatch.simulate import SimulatedModel, simulated_device
 
@@ -104,3 +105,22 @@ def test_check_entry_flags_memory_drop_as_improvement():
                                    hardware="gpu", fingerprint=entry["model_fingerprint"])
     assert kinds(findings) == [("improvement", False)] and change == 0.0
     assert "a larger batch may fit" in findings[0].message
+
+
+def test_a_batch_that_runs_out_of_memory_while_timed_lowers_the_recorded_maximum():
+    device = simulated_device("sim:h100")
+    workload = device.workload(MODEL)
+    true_max = workload.true_max_batch(8192)
+    timing_limit = true_max - 3
+    measure = workload.measure
+
+    def measure_with_fragmentation(batch):
+        if batch > timing_limit:
+            raise OutOfMemory(f"batch {batch}: fragmented while timing", batch=batch)
+        return measure(batch)
+
+    workload.measure = measure_with_fragmentation
+    entry = search_workload(device, workload, model=MODEL.name)
+    assert entry["optimal_batch"] <= entry["max_batch"] <= timing_limit < true_max
+    ooms = [row["batch"] for row in entry["probes"] if row["outcome"] == "oom"]
+    assert min(ooms) > entry["max_batch"] and entry["search"]["ooms"] == len(ooms)

@@ -150,3 +150,25 @@ def test_public_api_resolves_every_name_without_importing_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         pytest_autobatch.nothing
+
+
+def test_each_model_and_mode_in_a_test_gets_its_own_entry(tmp_path):
+    runs = session(tmp_path)
+    inference = runs.run("t.py::test_a", MODEL)
+    train = runs.run("t.py::test_a", MODEL, mode="train")
+    assert (inference.key, train.key) == ("t.py::test_a::toy", "t.py::test_a::toy-train")
+    assert train is not inference and train.entry["mode"] == "train"
+    other = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e9)
+    with pytest.raises(ConfigError, match="already the name of another model or mode.*name='...'"):
+        runs.run("t.py::test_a", other)
+
+
+def test_an_oom_at_batch_1_is_not_called_a_stored_batch():
+    from pytest_autobatch.runner import check_entry
+    entry = {"model": "toy", "optimal_batch": 8, "max_batch": 16, "throughput_samples": [1.0] * 15,
+             "peak_memory_bytes": 100, "model_fingerprint_hash": "x"}
+    findings, _ = check_entry(entry, throughput_samples=[], peak_memory_bytes=None, oom_batches=[1, 16],
+                              hardware="gpu", fingerprint={})
+    messages = [finding.message for finding in findings if finding.kind == "oom"]
+    assert "out of memory at batch 1;" in messages[0]
+    assert "out of memory at the stored maximum batch 16 (recorded peak" in messages[1]

@@ -281,3 +281,39 @@ def test_a_simulated_oom_is_what_the_search_catches():
         workload.probe(10_000)
     assert find_max_batch(workload.probe, capacity_bytes=device.capacity_bytes()).max_batch == \
         workload.true_max_batch(8192)
+
+
+def test_optimal_search_stays_below_a_batch_that_runs_out_of_memory_while_timed():
+    calls = []
+
+    def measure(batch):
+        calls.append(batch)
+        if batch > 40:
+            raise OutOfMemory(f"batch {batch} ran out while timing", batch=batch)
+        return [batch * 10.0] * 3   # throughput grows with the batch: the best is the largest that runs
+
+    result = find_optimal_batch(measure, max_batch=64)
+    assert 64 in result.oom_batches and len(result.oom_batches) <= 3   # bisects, no walk down
+    assert result.max_batch == max(result.measurements) <= 40 < min(result.oom_batches)
+    assert result.best_batch == result.max_batch >= 32 and result.optimal_batch <= result.max_batch
+    assert len(calls) == len(set(calls)), "batches measured before the OOM are not measured again"
+    assert find_optimal_batch(lambda b: [b * 10.0], max_batch=64).max_batch == 64
+
+
+def test_optimal_search_gives_up_cleanly_when_batch_1_cannot_be_timed():
+    def measure(batch):
+        raise OutOfMemory("no memory at all", batch=batch)
+
+    with pytest.raises(NoBatchFits, match="batch 1 ran out of memory while being timed"):
+        find_optimal_batch(measure, max_batch=8)
+
+
+def test_non_oom_errors_while_timing_propagate_unchanged():
+    error = ValueError("bug in the model")
+
+    def measure(batch):
+        raise error
+
+    with pytest.raises(ValueError) as caught:
+        find_optimal_batch(measure, max_batch=8)
+    assert caught.value is error

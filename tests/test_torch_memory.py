@@ -135,15 +135,18 @@ class _OomAfterAllocating(torch.nn.Module):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-def test_oom_drops_the_failed_steps_tensors():
+@pytest.mark.parametrize("step", ["probe", "measure"])
+def test_oom_drops_the_failed_steps_tensors(step):
+    """A probe, or timing (more steps than a probe), that runs out of memory: memory released."""
     device = CpuDevice(budget_bytes=100 * MIB)
     model = _OomAfterAllocating()
     workload = device.workload(model, torch.randn(1, 16))
     with pytest.raises(OutOfMemory) as caught:
-        workload.probe(64)
-    assert caught.value.limit == "device" and "CUDA out of memory" in str(caught.value)
+        getattr(workload, step)(64)
+    assert caught.value.limit == "device" and caught.value.batch == 64
+    assert "CUDA out of memory" in str(caught.value)
     assert model.activation_ref() is None, "the traceback's frames still hold the activation"
-    assert device.oom_events[-1]["leaked_bytes"] == 0
+    assert device.oom_events[-1]["leaked_bytes"] == 0 and device.oom_events[-1]["batch"] == 64
 
 
 def test_oom_that_leaves_memory_behind_is_reported_as_a_leak():
