@@ -17,6 +17,10 @@ from .errors import BaselineError, ConfigError
 from .runner import (DEFAULT_CAP, DEFAULT_MEMORY_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE, Finding, Progress,
                      remeasure, search_workload)
 from .stats import speedup_below
+from .units import format_bytes
+
+#: Relative change of the device's available memory worth a note next to the gate's findings.
+CAPACITY_CHANGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,11 @@ class AutobatchSession:
         asked = {"cap": DEFAULT_CAP if cap is None else cap, "max_latency_s": max_latency_s}
         changed = [f"{name} {entry.get(name)!r} -> {value!r}" for name, value in asked.items()
                    if entry.get(name) != value]
+        recorded, available = entry.get("capacity_bytes"), self.device.capacity_bytes()
+        if recorded and available and abs(available / recorded - 1) > CAPACITY_CHANGE:
+            # a different --autobatch-memory-budget, or other processes on the GPU: an OOM at a
+            # stored batch may come from that rather than from the model
+            changed.append(f"memory available {format_bytes(recorded)} -> {format_bytes(available)}")
         if changed:
             check.findings.append(Finding(
                 "settings_changed", f"{key}: the search settings changed since the baseline was recorded "

@@ -172,3 +172,16 @@ def test_an_oom_at_batch_1_is_not_called_a_stored_batch():
     messages = [finding.message for finding in findings if finding.kind == "oom"]
     assert "out of memory at batch 1;" in messages[0]
     assert "out of memory at the stored maximum batch 16 (recorded peak" in messages[1]
+
+
+def test_less_memory_than_recorded_is_noted_beside_the_oom_it_causes(tmp_path):
+    recorded = session(tmp_path).run("t.py::test_a", MODEL)
+    smaller = recorded.entry["capacity_bytes"] // 2
+    runs = AutobatchSession(Settings(baselines=tmp_path, device="sim:h100"),
+                            device_factory=lambda spec, memory_budget: SimulatedDevice(
+                                "h100", capacity_bytes=smaller))
+    again = runs.run("t.py::test_a", MODEL)
+    assert again.cached and again.failed
+    assert [finding.kind for finding in again.findings if finding.failed][0] == "oom"
+    note = next(finding.message for finding in again.findings if finding.kind == "settings_changed")
+    assert "memory available" in note and "->" in note
