@@ -284,10 +284,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(state, "autobatch-state")
     if enabled and state.is_worker:
         _assign_worker_gpu(config, settings.device)
+    elif enabled:
+        _warn_if_workers_share_a_device(config, settings.device)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "autobatch-xdist")
     if config.pluginmanager.hasplugin("benchmark"):
         config.pluginmanager.register(_BenchmarkHooks(state), "autobatch-benchmark")
+
+
+def _warn_if_workers_share_a_device(config: pytest.Config, device: str) -> None:
+    """Timings of xdist workers that share one CPU or GPU slow each other down: say so up front."""
+    workers = getattr(config.option, "numprocesses", None)
+    if not isinstance(workers, int) or workers < 2 or device.startswith("sim:"):
+        return
+    gpus = _nvml_gpu_count() if device in ("auto", "cuda") else 0
+    if device != "cpu" and not device.startswith("cuda:") and gpus >= workers:
+        return
+    shared = f"{gpus} GPU{'s' * (gpus != 1)}" if gpus else f"one device ({device})"
+    config.issue_config_time_warning(pytest.PytestConfigWarning(
+        f"pytest-autobatch: {workers} xdist workers share {shared}: their throughput figures slow "
+        "each other down and the gate compares them with baselines measured alone; run benchmarks "
+        "with at most one worker per GPU (-n 0 on the CPU)"), stacklevel=2)
 
 
 def _nvml_gpu_count() -> int:

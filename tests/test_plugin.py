@@ -299,6 +299,18 @@ def test_xdist_workers_record_everything_and_the_controller_reports(project):
         ["1 baseline entry unused:", f"  {TOY_KEY}  (*)"])
 
 
+@pytest.mark.parametrize("device, warned", [("cpu", True), ("sim:h100", False)])
+def test_xdist_workers_sharing_one_device_are_warned_about(pytester, device, warned):
+    pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
+    result = pytester.runpytest_subprocess("--autobatch", f"--autobatch-device={device}", "-n", "2")
+    result.assert_outcomes(passed=1)
+    message = "*2 xdist workers share one device (cpu)*-n 0 on the CPU*"
+    if warned:
+        result.stdout.fnmatch_lines([message])
+    else:
+        result.stdout.no_fnmatch_line("*xdist workers share*")
+
+
 def test_xdist_worker_i_gets_gpu_i_of_the_outer_mask(project, monkeypatch):
     project.makeconftest('''
         import os
