@@ -192,10 +192,7 @@ class Remeasurement:
     throughput_samples: list[float]
     batch1_throughput_samples: list[float]
     peak_memory_bytes: int | None
-    max_batch_peak_memory_bytes: int | None
     oom_batches: list[int]
-    seconds: float
-    fingerprint_hash: str
     findings: list[Finding]
     change: float | None
 
@@ -301,13 +298,12 @@ def remeasure(device: Any, workload: Any, entry: dict[str, Any], *,
     The probes come first, as in the search: a process's first large allocations grow its heap, and
     timing before them reads up to a quarter slower on the CPU than the recorded search did.
     """
-    began = time.perf_counter()
     report = progress or _silent
     label = f"{entry.get('model', '?')} on {device.name}"
     optimal, maximum = entry["optimal_batch"], entry["max_batch"]
     oom_batches: list[int] = []
     report(f"{label}: checking the stored maximum batch {maximum}")
-    peak_at_max = _run_or_oom(lambda: workload.probe(maximum), maximum, oom_batches)
+    _run_or_oom(lambda: workload.probe(maximum), maximum, oom_batches)   # only whether it fits
     peak = _run_or_oom(lambda: workload.probe(optimal), optimal, oom_batches)
     report(f"{label}: re-measuring batch {optimal}")
     samples = _run_or_oom(lambda: gate_samples(workload.measure, optimal), optimal, oom_batches) or []
@@ -318,8 +314,5 @@ def remeasure(device: Any, workload: Any, entry: dict[str, Any], *,
                                    oom_batches=oom_batches, hardware=hardware, fingerprint=fingerprint,
                                    tolerance=tolerance, memory_tolerance=memory_tolerance)
     return Remeasurement(throughput_samples=samples, batch1_throughput_samples=batch1_samples,
-                         peak_memory_bytes=peak,
-                         max_batch_peak_memory_bytes=peak_at_max, oom_batches=oom_batches,
-                         seconds=time.perf_counter() - began,
-                         fingerprint_hash=fingerprint_hash(fingerprint), findings=findings,
+                         peak_memory_bytes=peak, oom_batches=oom_batches, findings=findings,
                          change=change)

@@ -90,7 +90,7 @@ class OptimalBatchResult:
     #: Batches that ran out of memory while being timed; the search then stayed below them.
     oom_batches: list[int] = field(default_factory=list)
     #: The largest batch the search could use: max_batch as asked, or lower after timing OOMs.
-    max_batch: int = 0
+    max_batch: int | None = None
 
     def latency_s(self, batch: int) -> float:
         """Seconds per batch at ``batch``: the batch over its median throughput."""
@@ -502,7 +502,6 @@ def find_optimal_batch(measure: Callable[[int], list[float]], *, max_batch: int,
                 raise NoBatchFits(f"batch 1 ran out of memory while being timed ({exc})") from exc
             continue
         result.oom_batches = sorted(oom_batches)
-        result.max_batch = max_batch
         return result
 
 
@@ -522,7 +521,7 @@ def _optimal_batch(measure: Callable[[int], list[float]], max_batch: int, tolera
     optimal = _refine_crossing(sweep, tolerance)
     best = sweep.best()
     return OptimalBatchResult(optimal, sweep.medians[optimal], best, sweep.medians[best], sweep.samples,
-                              tolerance, max_latency_s)
+                              tolerance, max_latency_s, max_batch=max_batch)
 
 
 def _refine_peak(sweep: _ThroughputSweep) -> None:

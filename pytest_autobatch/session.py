@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .baselines import BaselineStore, entry_key
+from .baselines import BaselineStore, entry_key, split_entry_key
 from .errors import BaselineError, ConfigError
 from .runner import (DEFAULT_CAP, DEFAULT_MEMORY_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE, Finding, Progress,
                      remeasure, search_workload)
@@ -226,7 +226,7 @@ class AutobatchSession:
             if previous is not None and not self.settings.update:
                 # another worker recorded it meanwhile
                 return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s)
-            name = key.rpartition("::")[2]
+            _, name = split_entry_key(key)
             entry = search_workload(self.device, workload, model=name, cap=cap,
                                     max_latency_s=max_latency_s, progress=self.progress)
             path = store.put(key, entry)
@@ -263,7 +263,7 @@ class AutobatchSession:
                 "settings_changed", f"{key}: the search settings changed since the baseline was recorded "
                 f"({', '.join(changed)}); re-search with pytest --autobatch --autobatch-update", False))
         throughput = check.throughput or 0.0
-        return BatchResult(key=key, name=key.rpartition("::")[2], device=self.device.name,
+        return BatchResult(key=key, name=split_entry_key(key)[1], device=self.device.name,
                            hardware_key=self.store.hardware_key, optimal_batch=entry["optimal_batch"],
                            max_batch=entry["max_batch"], throughput=throughput,
                            speedup=check.speedup,

@@ -10,11 +10,12 @@ pytest_plugins = ["pytester"]
 PROJECT = '''
 import torch
 
-FAST = {"warmup_s": 0.0, "warmup_iterations": 1, "block_s": 0.005, "min_blocks": 5,
+FAST = {"warmup_s": 0.0, "warmup_iterations": 1, "block_s": 0.02, "min_blocks": 5,
         "max_blocks": 8, "max_time_s": 0.2}
 
 
 def test_mlp(optimal_batch):
+    torch.set_num_threads(1)   # the suite runs under xdist on two cores: no thread oversubscription
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(),
                                 torch.nn.Linear(1024, 10)).eval()
@@ -39,7 +40,7 @@ def test_cpu_budget_search_records_the_exact_maximum_then_serves_it_cached(pytes
     pytester.makepyfile(test_project=PROJECT)
     # The gate's tolerance is wide: this checks the search and the cache, and CI shares the cores.
     args = ("--autobatch", "--autobatch-device=cpu", "--autobatch-memory-budget=24MiB",
-            "--autobatch-tolerance=90%", "-s")
+            "--autobatch-tolerance=99%", "-s")
 
     first = pytester.runpytest_subprocess(*args)   # in-process reruns would re-import torch
     first.assert_outcomes(passed=1)
