@@ -24,7 +24,8 @@ import textwrap
 from pathlib import Path
 
 from pytest_autobatch.runner import remeasure, search_workload
-from pytest_autobatch.simulate import SimulatedModel, simulated_device
+
+from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
 
 RERUNS = 20
 MODELS = (
@@ -72,7 +73,7 @@ def gate_figures() -> None:
 PROJECT_TEST = '''
 import json, os, time
 import pytest
-from pytest_autobatch.simulate import SimulatedModel
+from pytest_autobatch.devices.simulated import SimulatedModel
 
 @pytest.mark.parametrize("index", range(10))
 def test_model(optimal_batch, index):

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pytest_autobatch.units import format_bytes  # noqa: E402
+from pytest_autobatch.devices.torch_devices import CpuDevice  # noqa: E402
+from pytest_autobatch.devices.torch_timing import TimingBudget  # noqa: E402
 from pytest_autobatch.stats import median  # noqa: E402
-from pytest_autobatch.torch_device import CpuDevice  # noqa: E402
-from pytest_autobatch.torch_measure import TimingBudget  # noqa: E402
+from pytest_autobatch.units import format_bytes  # noqa: E402
 from pytest_autobatch.zoo import ZOO  # noqa: E402
 
 BATCHES = (1, 4, 16, 32)

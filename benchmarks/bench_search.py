@@ -5,8 +5,8 @@
 Prints, for the maximum batch: our search (capacity known, without and with a start prediction
 10-30% off; capacity unknown, with OOMs that name the memory available and with bare ones),
 plain doubling then bisection, Lightning's binsearch with its defaults (init 2, 5% margin, cap
-8192 returned untested) and accelerate's find_executable_batch_size (start 1024, x0.9 on OOM). Then, for the optimal batch, our sweep
-against an exhaustive one. A script, not a pytest module.
+8192 returned untested) and accelerate's find_executable_batch_size (start 1024, x0.9 on OOM).
+Then, for the optimal batch, our sweep against an exhaustive one. A script, not a pytest module.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import math
 import random
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_autobatch.errors import NoBatchFits, OutOfMemory, is_oom_error  # noqa: E402
-from pytest_autobatch.search import find_max_batch, find_optimal_batch, predicted_max_batch  # noqa: E402
-from pytest_autobatch.simulate import PROFILES, SimulatedDevice, model_for_max_batch  # noqa: E402
+from pytest_autobatch.devices.simulated import PROFILES, SimulatedDevice, model_for_max_batch  # noqa: E402
+from pytest_autobatch.errors import NoBatchFits, OutOfMemory, catch_oom  # noqa: E402
+from pytest_autobatch.search import DEFAULT, OFF, Tuning, find_max_batch, find_optimal_batch, predicted_max_batch  # noqa: E402
 
 CAP = 8192
 
@@ -70,21 +70,15 @@ class CountingProbe:
 
     def __call__(self, batch: int) -> int:
         self.runs += 1
-        try:
+        with catch_oom() as caught:
             return self.workload.probe(batch)
-        except Exception as error:
-            if is_oom_error(error):
-                self.ooms += 1
-            raise
+        self.ooms += 1
+        raise caught.error
 
     def fits(self, batch: int) -> bool:
-        try:
+        with catch_oom() as caught:
             self(batch)
-            return True
-        except Exception as error:
-            if not is_oom_error(error):
-                raise
-            return False
+        return caught.error is None
 
 
 def bare_ooms(probe: CountingProbe) -> Callable[[int], int]:
@@ -98,11 +92,12 @@ def bare_ooms(probe: CountingProbe) -> Callable[[int], int]:
     return bare
 
 
-def ours(scenario: Scenario, probe: Callable[[int], int], *, capacity: bool, start: bool) -> int:
+def ours(scenario: Scenario, probe: Callable[[int], int], *, capacity: bool, start: bool,
+         tuning: Tuning = DEFAULT) -> int:
     try:
         return find_max_batch(probe, cap=CAP,
                               capacity_bytes=scenario.device.capacity_bytes() if capacity else None,
-                              start=scenario.start if start else None).max_batch
+                              start=scenario.start if start else None, tuning=tuning).max_batch
     except NoBatchFits:
         return 0
 
@@ -171,10 +166,25 @@ SEARCHES: list[tuple[str, Callable]] = [
 ]
 
 
-def max_batch_table(scenarios: list[Scenario]) -> list[str]:
-    lines = [f"{'maximum batch':36} {'exact %':>8} {'probes':>7} {'max':>4} {'OOMs':>6} {'max':>4} "
+#: The maximum-batch tuning constants, each switched off in turn (search.tuning.OFF).
+MAX_BATCH_CONSTANTS = [name for name in OFF if name not in ("peak_resolution", "crossing_resolution")]
+
+
+def ablation_searches() -> list[tuple[str, Callable]]:
+    """Ours with each tuned constant at its "off" value, with a start prediction and without."""
+    searches: list[tuple[str, Callable]] = []
+    for name in MAX_BATCH_CONSTANTS:
+        tuning = replace(DEFAULT, **{name: OFF[name]})
+        for start in (False, True):
+            label = f"  {name}={OFF[name]:g} ({'start' if start else 'no start'})"
+            searches.append((label, lambda s, p, t=tuning, st=start: ours(s, p, capacity=True, start=st, tuning=t)))
+    return searches
+
+
+def max_batch_table(scenarios: list[Scenario], searches: list[tuple[str, Callable]]) -> list[str]:
+    lines = [f"{'maximum batch':40} {'exact %':>8} {'probes':>7} {'max':>4} {'OOMs':>6} {'max':>4} "
              f"{'OOM-ing answers %':>18} {'over bound':>10}"]
-    for label, search in SEARCHES:
+    for label, search in searches:
         exact = probes = ooms = worst_ooms = worst_probes = oom_answers = over_bound = 0
         for scenario in scenarios:
             probe = CountingProbe(scenario.workload)
@@ -187,7 +197,7 @@ def max_batch_table(scenarios: list[Scenario]) -> list[str]:
             worst_probes = max(worst_probes, probe.runs)
             over_bound += probe.runs > 2 * math.log2(max(scenario.true_max, 1)) + 3
         n = len(scenarios)
-        lines.append(f"{label:36} {100 * exact / n:8.1f} {probes / n:7.2f} {worst_probes:4d} {ooms / n:6.2f} "
+        lines.append(f"{label:40} {100 * exact / n:8.1f} {probes / n:7.2f} {worst_probes:4d} {ooms / n:6.2f} "
                      f"{worst_ooms:4d} {100 * oom_answers / n:18.1f} {over_bound:10d}")
     return lines
 
@@ -222,6 +232,24 @@ def optimal_batch_table(scenarios: list[Scenario]) -> list[str]:
     ]
 
 
+def optimal_ablation_table(scenarios: list[Scenario]) -> list[str]:
+    """The optimal batch with each refinement resolution switched off (search.tuning.OFF)."""
+    fitting = [s for s in scenarios if s.true_max >= 1]
+    lines = [f"{'optimal batch, tuning':40} {'best within 2% %':>17} {'measurements':>13}"]
+    for name in (None, "peak_resolution", "crossing_resolution"):
+        tuning = DEFAULT if name is None else replace(DEFAULT, **{name: OFF[name]})
+        within_2 = measurements = 0
+        for scenario in fitting:
+            workload = scenario.workload
+            result = find_optimal_batch(workload.measure, max_batch=scenario.true_max, tuning=tuning)
+            true_best = max(workload.expected_throughput(b) for b in range(1, scenario.true_max + 1))
+            within_2 += workload.expected_throughput(result.best_batch) >= 0.98 * true_best
+            measurements += len(result.measurements)
+        label = "  as tuned" if name is None else f"  {name}={OFF[name]:g}"
+        lines.append(f"{label:40} {100 * within_2 / len(fitting):17.1f} {measurements / len(fitting):13.2f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", type=int, default=300)
@@ -235,12 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(scenarios)} scenarios (seed {args.seed}): batch 1 does not fit in {no_fit}, "
           f"max at the cap {CAP} in {past_cap}, median true max "
           f"{statistics.median(s.true_max for s in scenarios):.0f}")
-    print("\n".join(max_batch_table(scenarios)))
+    print("\n".join(max_batch_table(scenarios, SEARCHES)))
+    print("\nAblation: ours with one tuned constant switched off (capacity known; start 10-30% off or none)")
+    print("\n".join(max_batch_table(scenarios, ablation_searches())))
     print("reference (issue 2): Lightning exact 9%, 11.0 probes, 3.3 OOMs, 7% OOM-ing answers; "
           "accelerate exact 38%, 26 OOMs; doubling+bisection exact 100%, 12.5 probes, 3.6 OOMs")
     if not args.skip_optimal:
         print()
         print("\n".join(optimal_batch_table(scenarios)))
+        print()
+        print("\n".join(optimal_ablation_table(scenarios)))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ def _option(config: pytest.Config, name: str) -> object:
 
 
 def _searches_on_cpu(config: pytest.Config) -> bool:
-    from pytest_autobatch.device import parse_device_name
+    from pytest_autobatch.devices.base import parse_device_name
     device = parse_device_name(str(_option(config, "autobatch_device") or "auto"))
     if device != "auto":
         return device == "cpu"
-    import torch   # the CPU and CUDA devices import it anyway
+    import torch  # the CPU and CUDA devices import it anyway
     return not torch.cuda.is_available()
 
 
@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Runs before pytest-autobatch reads its options (tryfirst), so the defaults reach it."""
     if not _option(config, "autobatch") or not _searches_on_cpu(config):
         return
-    from pytest_autobatch.plugin import parse_fraction, parse_size
+    from pytest_autobatch.units import parse_fraction, parse_size
     parsers = {"autobatch_memory_budget": parse_size, "autobatch_tolerance": parse_fraction}
     for name, value in CPU_DEFAULTS.items():
         if _option(config, name) is None:

@@ -31,7 +31,7 @@ def stored_entry(name: str, baselines_dir: str | os.PathLike[str] = "baselines",
     entries that match with different optimal batches are ambiguous: ConfigError lists them.
     """
     if hardware_key is None:
-        from .device import get_device
+        from .devices import get_device
         hardware_key = get_device(device).hardware_key()
     store = BaselineStore(baselines_dir, hardware_key)
     found = {key: entry for module in store.modules() for key, entry in store.entries(module).items()

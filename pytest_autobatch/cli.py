@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .report_md import update_readme, write_report
+    from .report.markdown import update_readme, write_report
     try:
         report = write_report(args.baselines, args.out, plots=not args.no_plots)
         if args.readme:

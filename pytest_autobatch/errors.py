@@ -20,7 +20,7 @@ class OutOfMemory(AutobatchError):
     """
 
     def __init__(self, message: str, *, batch: int | None = None, needed_bytes: int | None = None,
-                 available_bytes: int | None = None, limit: str = "device"):
+                 available_bytes: int | None = None, limit: str = "device") -> None:
         super().__init__(message)
         self.batch = batch
         self.needed_bytes = needed_bytes
@@ -39,7 +39,7 @@ class BaselineError(AutobatchError):
 class MissingDependency(AutobatchError, ImportError):
     """An optional dependency is missing; the message names the extra that installs it."""
 
-    def __init__(self, package: str, extra: str, purpose: str):
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
         super().__init__(f"{purpose} needs {package!r}, which is not installed. "
                          f"Install it with: pip install 'pytest-autobatch[{extra}]'")
         self.package = package
@@ -72,3 +72,24 @@ def is_oom_error(exc: BaseException) -> bool:
         text = str(exc).lower()
         return any(marker in text for marker in _OOM_MESSAGES)
     return False
+
+
+class OomCatcher:
+    """``with catch_oom() as caught:`` keeps an out-of-memory error in ``caught.error`` and lets
+    every other exception through: a model bug is never taken for an OOM."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> "OomCatcher":
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> bool:
+        if isinstance(error, Exception) and is_oom_error(error):
+            self.error = error
+            return True
+        return False
+
+
+def catch_oom() -> OomCatcher:
+    return OomCatcher()

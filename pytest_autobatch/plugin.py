@@ -1,9 +1,10 @@
 """pytest hooks, options and fixtures of pytest-autobatch.
 
-Thin by design: options become a ``session.Settings``; the ``optimal_batch`` fixture asks an
-``AutobatchSession`` (plain Python) for results and turns gate findings into test failures.
-Without ``--autobatch`` nothing beyond the standard library and pytest is imported, and tests that
-use the fixtures or the ``autobatch`` marker are skipped.
+Thin by design, in the shape of syrupy's plugin: options become a ``session.Settings``; each hook
+is a few lines over ``AutobatchState`` (this process's state), which asks an ``AutobatchSession``
+(plain Python) for results and keeps a ``RunRecord`` (plain Python) of what ran for the summary
+and for unused-baseline detection. Without ``--autobatch`` nothing beyond the standard library
+and pytest is imported, and tests that use the fixtures or the ``autobatch`` marker are skipped.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import argparse
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    from .session import AutobatchSession, BatchResult, RunRecord, Settings
 
 FIXTURES = ("optimal_batch", "autobatch_device")
 MARKER = "autobatch"
@@ -37,21 +42,12 @@ def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def parse_fraction(text: str) -> float:
-    """"10%" or "0.1" -> 0.1; a fraction in [0, 1)."""
-    from .errors import ConfigError
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value < 1:
-        raise ConfigError(f"{text!r} is not a tolerance: use a percentage such as 10% or a fraction "
-                          f"such as 0.1 (at least 0, below 100%)")
-    return value
+    from .units import parse_fraction as parse
+    return parse(text)
 
 
 def parse_device(text: str) -> str:
-    from .device import parse_device_name
+    from .devices.base import parse_device_name
     return parse_device_name(text)
 
 
@@ -81,7 +77,6 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
     ("--autobatch-report", "autobatch_report", str, None,
      "at the end of the session, write the Markdown report and PNG plots of the baselines to DIR"),
 )
-
 
 _METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_size: "SIZE"}
 
@@ -115,121 +110,89 @@ def _option(config: pytest.Config, dest: str, parse: Callable[[str], Any] | None
         raise pytest.UsageError(f"ini option {dest} = {raw!r}: {exc}") from None
 
 
-def _settings(config: pytest.Config) -> tuple[bool, Any]:
-    """(enabled, Settings); every value is validated, Settings is only built when enabled."""
+def _settings(config: pytest.Config) -> Settings | None:
+    """The Settings when --autobatch is on (None otherwise); every value is validated either way."""
     values = {dest: _option(config, dest, parse, default) for _, dest, parse, default, _ in _OPTIONS}
     if not values["autobatch"]:
-        return False, None
+        return None
     from .session import Settings
     folder = Path(values["autobatch_baselines"])
     if config.getoption("autobatch_baselines") is not None:
         base = config.invocation_params.dir
     else:
         base = config.inipath.parent if config.getini("autobatch_baselines") and config.inipath else config.rootpath
-    return True, Settings(baselines=base / folder, device=values["autobatch_device"],
-                          update=values["autobatch_update"], strict=values["autobatch_strict"],
-                          tolerance=values["autobatch_tolerance"],
-                          memory_tolerance=values["autobatch_memory_tolerance"],
-                          memory_budget=values["autobatch_memory_budget"])
+    return Settings(baselines=base / folder, device=values["autobatch_device"],
+                    update=values["autobatch_update"], strict=values["autobatch_strict"],
+                    tolerance=values["autobatch_tolerance"],
+                    memory_tolerance=values["autobatch_memory_tolerance"],
+                    memory_budget=values["autobatch_memory_budget"])
 
 
-class _Run:
-    """What the controller (or a run without xdist) gathers for the summary and unused detection."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, dict[str, Any]] = {}
-        self.collected: set[str] = set()       # every collected node id, deselected ones too
-        self.selected_modules: set[str] = set()
-        self.finished: set[str] = set()        # node ids whose call passed
-        self.unused: dict[str, list[str]] = {}  # baseline path -> unused entry keys
-        self.unused_removed = False
-
-    def merge(self, worker_output: dict[str, Any]) -> None:
-        self.collected.update(worker_output.get("collected", ()))
-        self.selected_modules.update(worker_output.get("selected_modules", ()))
-
-
-class _State:
+class AutobatchState:
     """The plugin's state for one pytest process, kept on ``config.stash``."""
 
-    def __init__(self, config: pytest.Config, enabled: bool, settings: Any):
+    def __init__(self, config: pytest.Config, settings: Settings | None):
+        from .report.terminal import ProgressLine
         self.config = config
-        self.enabled = enabled
         self.settings = settings
-        self.current_item: pytest.Item | None = None
-        self.run_record = _Run()
-        self._session: Any = None
-        self._live = False
+        self._session: AutobatchSession | None = None
+        self._record: RunRecord | None = None
+        self.progress = ProgressLine(self._terminal, self._uncaptured, config.get_verbosity())
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings is not None
 
     @property
     def is_worker(self) -> bool:
         return hasattr(self.config, "workerinput")
 
     @property
-    def session(self) -> Any:
+    def session(self) -> AutobatchSession:
         if self._session is None:
             from .session import AutobatchSession
-            self._session = AutobatchSession(self.settings, progress=self.progress)
+            assert self.settings is not None
+            self._session = AutobatchSession(self.settings, progress=self.progress.show)
         return self._session
+
+    @property
+    def record(self) -> RunRecord:
+        if self._record is None:
+            from .session import RunRecord
+            self._record = RunRecord()
+        return self._record
 
     def _terminal(self) -> Any:
         if self.is_worker or self.config.get_verbosity() < 0:
             return None
         return self.config.pluginmanager.get_plugin("terminalreporter")
 
-    def _write(self, action: Callable[[Any], None]) -> None:
-        terminal = self._terminal()
-        if terminal is None:
-            return
+    def _uncaptured(self) -> Any:
         capture = self.config.pluginmanager.get_plugin("capturemanager")
-        if capture is None:
-            action(terminal)
-            return
-        with capture.global_and_fixture_disabled():
-            action(terminal)
+        return capture.global_and_fixture_disabled() if capture is not None else nullcontext()
 
-    def progress(self, text: str) -> None:
-        """A live line while a search runs: rewritten in place on a terminal, lines with -v elsewhere."""
-        def show(terminal: Any) -> None:
-            if terminal.isatty():
-                if not self._live:
-                    terminal.ensure_newline()
-                terminal.rewrite(f"autobatch: {text}", erase=True)
-                self._live = True
-            elif self.config.get_verbosity() > 0:
-                terminal.write_line(f"autobatch: {text}")
-        self._write(show)
-
-    def end_progress(self, text: str) -> None:
-        if self._live:
-            self._write(lambda terminal: terminal.rewrite(f"autobatch: {text}", erase=True))
-            self._live = False
-
-    def run(self, model: Any, example_input: Any, **options: Any) -> Any:
+    def run(self, item: pytest.Item, model: Any, example_input: Any, **options: Any) -> BatchResult:
+        """``optimal_batch(...)`` for ``item``: the result, or a test failure that says why."""
         from .errors import AutobatchError
         if not self.enabled:
             pytest.skip(SKIP_REASON)
-        item = self.current_item
-        nodeid = item.nodeid if item is not None else "session"
         result, error = None, None
         try:
-            result = self.session.run(nodeid, model, example_input, **options)
+            result = self.session.run(item.nodeid, model, example_input, **options)
         except AutobatchError as exc:
             error = f"autobatch: {exc}"
         finally:
-            self.end_progress(_outcome(result))
-        if error is not None:
-            pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
+            self.progress.end(_outcome(result))
+        if result is None:
+            pytest.fail(error or "autobatch: stopped", pytrace=False)  # outside the except: no chained traceback
         summary = result.as_summary()
-        if item is not None:
-            item.user_properties.append((USER_PROPERTY, summary))
-            benchmark = getattr(item, "funcargs", {}).get("benchmark")
-            if benchmark is not None and hasattr(benchmark, "extra_info"):
-                benchmark.extra_info.setdefault("autobatch", []).append(summary)
+        item.user_properties.append((USER_PROPERTY, summary))
+        benchmark = getattr(item, "funcargs", {}).get("benchmark")
+        if benchmark is not None and hasattr(benchmark, "extra_info"):
+            benchmark.extra_info.setdefault("autobatch", []).append(summary)
         if result.failed:
             pytest.fail(result.failure_message(), pytrace=False)
-        targets = _marker_targets(item) if item is not None else {}
-        missed = result.missed_targets(**targets) if targets else None
+        missed = result.missed_targets(**_marker_targets(item))
         if missed:
             pytest.fail(missed, pytrace=False)
         return result
@@ -240,15 +203,15 @@ class _State:
             return
         for name, value in report.user_properties:
             if name == USER_PROPERTY and isinstance(value, dict):
-                self.run_record.results[value["key"]] = value
+                self.record.results[value["key"]] = value
         if report.when == "call" and report.passed:
-            self.run_record.finished.add(report.nodeid)
+            self.record.finished.add(report.nodeid)
 
 
-_STATE = pytest.StashKey[_State]()
+_STATE = pytest.StashKey[AutobatchState]()
 
 
-def _outcome(result: Any) -> str:
+def _outcome(result: BatchResult | None) -> str:
     """The last progress line of a search or re-measurement."""
     if result is None:
         return "stopped"
@@ -259,7 +222,7 @@ def _outcome(result: Any) -> str:
     return f"{result.name}: optimal batch {result.optimal_batch}, max {result.max_batch} ({how})"
 
 
-def _state(config: pytest.Config) -> _State:
+def _state(config: pytest.Config) -> AutobatchState:
     return config.stash[_STATE]
 
 
@@ -278,18 +241,22 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{MARKER}(min_speedup=None, max_latency_s=None, min_throughput=None, "
                    "max_memory_bytes=None): a benchmark test, skipped without --autobatch; the "
                    "given targets are asserted on every optimal_batch result of the test")
-    enabled, settings = _settings(config)
-    state = _State(config, enabled, settings)
+    state = AutobatchState(config, _settings(config))
     config.stash[_STATE] = state
     config.pluginmanager.register(state, "autobatch-state")
-    if enabled and state.is_worker:
-        _assign_worker_gpu(config, settings.device)
-    elif enabled:
-        _warn_if_workers_share_a_device(config, settings.device)
+    if state.settings is not None and state.is_worker:
+        _assign_worker_gpu(config, state.settings.device)
+    elif state.settings is not None:
+        _warn_if_workers_share_a_device(config, state.settings.device)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "autobatch-xdist")
     if config.pluginmanager.hasplugin("benchmark"):
         config.pluginmanager.register(_BenchmarkHooks(state), "autobatch-benchmark")
+
+
+def _gpu_count() -> int:
+    from .devices.nvml import gpu_count
+    return gpu_count()
 
 
 def _warn_if_workers_share_a_device(config: pytest.Config, device: str) -> None:
@@ -297,7 +264,7 @@ def _warn_if_workers_share_a_device(config: pytest.Config, device: str) -> None:
     workers = getattr(config.option, "numprocesses", None)
     if not isinstance(workers, int) or workers < 2 or device.startswith("sim:"):
         return
-    gpus = _nvml_gpu_count() if device in ("auto", "cuda") else 0
+    gpus = _gpu_count() if device in ("auto", "cuda") else 0
     if device != "cpu" and not device.startswith("cuda:") and gpus >= workers:
         return
     shared = f"{gpus} GPU{'s' * (gpus != 1)}" if gpus else f"one device ({device})"
@@ -307,42 +274,27 @@ def _warn_if_workers_share_a_device(config: pytest.Config, device: str) -> None:
         "with at most one worker per GPU (-n 0 on the CPU)"), stacklevel=2)
 
 
-def _nvml_gpu_count() -> int:
-    """GPUs NVML sees (it ignores CUDA_VISIBLE_DEVICES and never initialises CUDA); 0 without NVML."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no nvidia-ml-py, no driver: nothing to spread over
-        return 0
-
-
 def _assign_worker_gpu(config: pytest.Config, device: str) -> None:
     """Worker i uses GPU i: set CUDA_VISIBLE_DEVICES before anything initialises CUDA."""
     from .session import worker_gpu_mask
     if device not in ("auto", "cuda"):
         return
-    mask = worker_gpu_mask(config.workerinput["workerid"], os.environ.get("CUDA_VISIBLE_DEVICES"),
-                           _nvml_gpu_count)
+    worker = config.workerinput["workerid"]  # type: ignore[attr-defined]
+    mask = worker_gpu_mask(worker, os.environ.get("CUDA_VISIBLE_DEVICES"), _gpu_count)
     if mask is None:
         return
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        warnings.warn(f"pytest-autobatch: CUDA was initialised before worker "
-                      f"{config.workerinput['workerid']} could select GPU {mask}; all workers share "
-                      "one GPU", stacklevel=1)
+        warnings.warn(f"pytest-autobatch: CUDA was initialised before worker {worker} could select "
+                      f"GPU {mask}; all workers share one GPU", stacklevel=1)
         return
     os.environ["CUDA_VISIBLE_DEVICES"] = mask
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    state = _state(config)
-    if not state.enabled:
+    settings = _state(config).settings
+    if settings is None:
         return []
-    settings = state.settings
     modes = [name for name, on in (("update", settings.update), ("strict", settings.strict)) if on]
     return [f"autobatch: device {settings.device}, baselines {settings.baselines}, throughput "
             f"tolerance {settings.tolerance:.0%}, memory tolerance {settings.memory_tolerance:.0%}"
@@ -367,17 +319,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if unknown:
             raise pytest.UsageError(f"{item.nodeid}: unknown @pytest.mark.{MARKER} argument(s) "
                                     f"{', '.join(sorted(unknown))}; known: {', '.join(MARKER_TARGETS)}")
-    state.run_record.collected.update(item.nodeid for item in items)
+    state.record.collected.update(item.nodeid for item in items)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = _state(session.config)
     if state.enabled:
         from .baselines import module_key
-        narrowed = _narrowed_modules(session.config)
-        state.run_record.selected_modules.update(
-            module_key(item.nodeid) for item in session.items)
-        state.run_record.selected_modules.difference_update(narrowed)
+        selected = {module_key(item.nodeid) for item in session.items}
+        state.record.selected_modules.update(selected - _narrowed_modules(session.config))
 
 
 def _narrowed_modules(config: pytest.Config) -> set[str]:
@@ -396,73 +346,41 @@ def _narrowed_modules(config: pytest.Config) -> set[str]:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    _state(item.config).current_item = item
-
-
-@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = _state(session.config)
-    if not state.enabled:
+    if state.settings is None:
         return
     if state.is_worker:
-        from .baselines import module_key
-        with_files = {path.stem for path in Path(state.settings.baselines).glob("*/*.json")}
-        session.config.workeroutput[USER_PROPERTY] = {
-            "collected": sorted(nodeid for nodeid in state.run_record.collected
-                                if module_key(nodeid) in with_files),
-            "selected_modules": sorted(state.run_record.selected_modules)}
+        session.config.workeroutput[USER_PROPERTY] = state.record.worker_output(state.settings.baselines)  # type: ignore[attr-defined]
         return
     from .errors import AutobatchError
     try:
-        _find_unused(state)
+        state.record.find_unused(state.settings.baselines, update=state.settings.update,
+                                 hardware_key=lambda: state.session.store.hardware_key)
     except AutobatchError as exc:
         warnings.warn(f"pytest-autobatch: unused-baseline check skipped: {exc}", stacklevel=1)
 
 
-def _find_unused(state: _State) -> None:
-    """syrupy-style: entries of fully collected, selected modules whose test is gone or did not use them."""
-    from .baselines import BaselineStore
-    record = state.run_record
-    hardware_keys = {result["hardware_key"] for result in record.results.values()}
-    if not hardware_keys and any(Path(state.settings.baselines).glob(f"*/{module}.json")
-                                 for module in record.selected_modules):
-        hardware_keys = {state.session.store.hardware_key}   # no benchmark ran: ask the device
-    used = set(record.results)
-    finished = record.finished if len(hardware_keys) == 1 else set()
-    for hardware_key in sorted(hardware_keys):
-        store = BaselineStore(state.settings.baselines, hardware_key)
-        for module in sorted(record.selected_modules & set(store.modules())):
-            unused = store.unused(module, collected=record.collected, finished=finished, used=used)
-            if not unused:
-                continue
-            record.unused[str(store.path(module))] = unused
-            if state.settings.update:
-                store.remove(module, unused)
-                record.unused_removed = True
-
-
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = _state(config)
-    record = state.run_record
-    if not state.enabled or state.is_worker or not (record.results or record.unused):
+    if not state.enabled or state.is_worker or not (state.record.results or state.record.unused):
         return
-    from .summary import summary_lines, unused_lines
+    from .report.terminal import summary_lines, unused_lines
     terminalreporter.write_sep("=", "autobatch")
-    for line in summary_lines(list(record.results.values())):
+    for line in summary_lines(list(state.record.results.values())):
         terminalreporter.write_line(line)
-    for line in unused_lines(record.unused, removed=record.unused_removed):
+    for line in unused_lines(state.record.unused, removed=state.record.unused_removed):
         terminalreporter.write_line(line, yellow=True)
     _write_report(terminalreporter, config, state)
 
 
-def _write_report(terminalreporter: Any, config: pytest.Config, state: _State) -> None:
+def _write_report(terminalreporter: Any, config: pytest.Config, state: AutobatchState) -> None:
     """--autobatch-report=DIR: the `autobatch report` output, from the baselines as this run left them."""
     out_dir = _option(config, "autobatch_report", str, None)
-    if not out_dir:
+    if not out_dir or state.settings is None:
         return
     from .errors import AutobatchError
-    from .report_md import write_report
+    from .report.markdown import write_report
     try:
         path = write_report(state.settings.baselines, config.invocation_params.dir / out_dir)
     except AutobatchError as exc:
@@ -471,17 +389,18 @@ def _write_report(terminalreporter: Any, config: pytest.Config, state: _State) -
     terminalreporter.write_line(f"autobatch report written to {path}")
 
 
-@pytest.fixture(scope="session")
-def optimal_batch(pytestconfig: pytest.Config) -> Callable[..., Any]:
+@pytest.fixture
+def optimal_batch(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """``optimal_batch(model, example_input=None, *, mode="inference", name=None, max_latency_s=None,
     cap=None, **workload_options)`` -> a BatchResult, searched once per session per test and name,
     or re-measured against the stored baseline and gated."""
-    state = _state(pytestconfig)
+    state = _state(request.config)
+    item = request.node
 
     def optimal_batch(model: Any, example_input: Any = None, *, mode: str = "inference",
                       name: str | None = None, max_latency_s: float | None = None,
                       cap: int | None = None, **workload_options: Any) -> Any:
-        return state.run(model, example_input, mode=mode, name=name, max_latency_s=max_latency_s,
+        return state.run(item, model, example_input, mode=mode, name=name, max_latency_s=max_latency_s,
                          cap=cap, **workload_options)
     return optimal_batch
 
@@ -498,19 +417,19 @@ def autobatch_device(pytestconfig: pytest.Config) -> Any:
 class _XdistHooks:
     """Registered only when pytest-xdist is present (its hooks are unknown otherwise)."""
 
-    def __init__(self, state: _State):
+    def __init__(self, state: AutobatchState):
         self.state = state
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         output = getattr(node, "workeroutput", {}).get(USER_PROPERTY)
         if output:
-            self.state.run_record.merge(output)
+            self.state.record.merge(output)
 
 
 class _BenchmarkHooks:
     """pytest-benchmark integration, registered only when it is installed."""
 
-    def __init__(self, state: _State):
+    def __init__(self, state: AutobatchState):
         self.state = state
 
     def pytest_benchmark_update_machine_info(self, config: pytest.Config, machine_info: dict[str, Any]) -> None:
@@ -526,6 +445,6 @@ class _BenchmarkHooks:
 
     def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: Any,
                                      output_json: dict[str, Any]) -> None:
-        results = self.state.run_record.results
+        results = self.state.record.results
         if results:
             output_json["autobatch"] = [results[key] for key in sorted(results)]

@@ -2,7 +2,9 @@
 
 The plugin builds an ``AutobatchSession`` from its options and asks it for a ``BatchResult`` per
 (test id, model name): searched and recorded when the baseline is missing or being updated,
-re-measured and gated when it exists. Results are cached for the session.
+re-measured and gated when it exists. Results are cached for the session. ``RunRecord`` is what
+the controller of a run gathers (from every xdist worker): results for the summary, and what was
+collected and finished, for syrupy-style detection of unused baseline entries.
 """
 
 from __future__ import annotations
@@ -12,15 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .baselines import BaselineStore, entry_key, split_entry_key
+from .baselines import BaselineStore, entry_key, module_key, split_entry_key
+from .devices.base import Device, Workload
 from .errors import BaselineError, ConfigError
-from .runner import (DEFAULT_CAP, DEFAULT_MEMORY_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE, Finding, Progress,
-                     remeasure, search_workload)
+from .gate import DEFAULT_MEMORY_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE, Finding, check_entry, settings_note
+from .record import DEFAULT_CAP, Progress, record_entry, remeasure
 from .stats import speedup_below
-from .units import format_bytes
-
-#: Relative change of the device's available memory worth a note next to the gate's findings.
-CAPACITY_CHANGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -163,21 +162,21 @@ class AutobatchSession:
     """Searches, records and gates results for one pytest session (one xdist worker)."""
 
     def __init__(self, settings: Settings, *, progress: Progress | None = None,
-                 device_factory: Callable[..., Any] | None = None):
+                 device_factory: Callable[..., Device] | None = None):
         self.settings = settings
         self.progress = progress
         self._device_factory = device_factory
-        self._device: Any = None
+        self._device: Device | None = None
         self._store: BaselineStore | None = None
         self.results: dict[str, BatchResult] = {}
         self._callers: dict[str, tuple[int, str]] = {}   # key -> (id of the model, mode) that owns it
 
     @property
-    def device(self) -> Any:
+    def device(self) -> Device:
         if self._device is None:
             factory = self._device_factory
             if factory is None:
-                from .device import get_device
+                from .devices import get_device
                 factory = get_device
             self._device = factory(self.settings.device, memory_budget=self.settings.memory_budget)
         return self._device
@@ -210,7 +209,7 @@ class AutobatchSession:
         self._callers[key] = (id(model), mode)
         return result
 
-    def _result(self, key: str, workload: Any, *, max_latency_s: float | None,
+    def _result(self, key: str, workload: Workload, *, max_latency_s: float | None,
                 cap: int | None) -> BatchResult:
         store = self.store
         entry = None if self.settings.update else store.get(key)
@@ -226,52 +225,49 @@ class AutobatchSession:
             if previous is not None and not self.settings.update:
                 # another worker recorded it meanwhile
                 return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s)
-            _, name = split_entry_key(key)
-            entry = search_workload(self.device, workload, model=name, cap=cap,
-                                    max_latency_s=max_latency_s, progress=self.progress)
-            path = store.put(key, entry)
+            entry = record_entry(self.device, workload, model=split_entry_key(key)[1], cap=cap,
+                                 max_latency_s=max_latency_s, progress=self.progress)
+            store.put(key, entry)
         search = entry["search"]
-        return BatchResult(key=key, name=name, device=self.device.name, hardware_key=store.hardware_key,
-                           optimal_batch=entry["optimal_batch"], max_batch=entry["max_batch"],
-                           throughput=entry["throughput"], speedup=entry["speedup"],
-                           peak_memory_bytes=entry["peak_memory_bytes"], probes=search["probes"],
-                           ooms=search["ooms"], search_seconds=search["seconds"],
-                           status="updated" if previous is not None else "new", entry=entry,
-                           change=_throughput_change(previous, entry), baseline_path=str(path),
-                           throughput_samples=entry["throughput_samples"],
-                           batch1_throughput_samples=entry["batch1_throughput_samples"])
+        return self._batch_result(
+            key, entry, status="updated" if previous is not None else "new",
+            throughput=entry["throughput"], speedup=entry["speedup"],
+            peak_memory_bytes=entry["peak_memory_bytes"], probes=search["probes"], ooms=search["ooms"],
+            search_seconds=search["seconds"], change=_throughput_change(previous, entry),
+            throughput_samples=entry["throughput_samples"],
+            batch1_throughput_samples=entry["batch1_throughput_samples"])
 
-    def _check(self, key: str, workload: Any, entry: dict[str, Any], *, cap: int | None,
+    def _check(self, key: str, workload: Workload, entry: dict[str, Any], *, cap: int | None,
                max_latency_s: float | None) -> BatchResult:
         broken = [name for name, kind in _GATE_FIELDS.items() if not isinstance(entry.get(name), kind)]
         if broken or not entry["throughput_samples"]:
             raise BaselineError(f"baseline entry {key} in {self.store.path_for_key(key)} lacks valid "
                                 f"{', '.join(broken) or 'throughput_samples'}; it was left untouched: "
                                 "re-record it with pytest --autobatch --autobatch-update")
-        check = remeasure(self.device, workload, entry, tolerance=self.settings.tolerance,
-                          memory_tolerance=self.settings.memory_tolerance, progress=self.progress)
-        asked = {"cap": DEFAULT_CAP if cap is None else cap, "max_latency_s": max_latency_s}
-        changed = [f"{name} {entry.get(name)!r} -> {value!r}" for name, value in asked.items()
-                   if entry.get(name) != value]
-        recorded, available = entry.get("capacity_bytes"), self.device.capacity_bytes()
-        if recorded and available and abs(available / recorded - 1) > CAPACITY_CHANGE:
-            # a different --autobatch-memory-budget, or other processes on the GPU: an OOM at a
-            # stored batch may come from that rather than from the model
-            changed.append(f"memory available {format_bytes(recorded)} -> {format_bytes(available)}")
-        if changed:
-            check.findings.append(Finding(
-                "settings_changed", f"{key}: the search settings changed since the baseline was recorded "
-                f"({', '.join(changed)}); re-search with pytest --autobatch --autobatch-update", False))
-        throughput = check.throughput or 0.0
+        device = self.device
+        now = remeasure(device, workload, entry, progress=self.progress)
+        verdict = check_entry(entry, now, hardware=device.hardware().get("name") or device.name,
+                              tolerance=self.settings.tolerance,
+                              memory_tolerance=self.settings.memory_tolerance)
+        findings = verdict.findings
+        note = settings_note(key, entry, asked={"cap": DEFAULT_CAP if cap is None else cap,
+                                                "max_latency_s": max_latency_s},
+                             capacity_bytes=device.capacity_bytes())
+        if note is not None:
+            findings.append(note)
+        return self._batch_result(
+            key, entry, status="cached", throughput=now.throughput or 0.0, speedup=now.speedup,
+            probes=0, ooms=0, search_seconds=0.0,
+            peak_memory_bytes=now.peak_memory_bytes, findings=findings, change=verdict.change,
+            throughput_samples=now.throughput_samples,
+            batch1_throughput_samples=now.batch1_throughput_samples)
+
+    def _batch_result(self, key: str, entry: dict[str, Any], **figures: Any) -> BatchResult:
+        """A BatchResult of ``entry``'s batches with this run's ``figures``."""
         return BatchResult(key=key, name=split_entry_key(key)[1], device=self.device.name,
                            hardware_key=self.store.hardware_key, optimal_batch=entry["optimal_batch"],
-                           max_batch=entry["max_batch"], throughput=throughput,
-                           speedup=check.speedup,
-                           peak_memory_bytes=check.peak_memory_bytes, probes=0, ooms=0,
-                           search_seconds=0.0, status="cached", entry=entry, findings=check.findings,
-                           change=check.change, baseline_path=str(self.store.path_for_key(key)),
-                           throughput_samples=check.throughput_samples,
-                           batch1_throughput_samples=check.batch1_throughput_samples)
+                           max_batch=entry["max_batch"], entry=entry,
+                           baseline_path=str(self.store.path_for_key(key)), **figures)
 
 
 #: What the gate reads from an entry, and the type each must have.
@@ -282,4 +278,46 @@ def _throughput_change(previous: dict[str, Any] | None, entry: dict[str, Any]) -
     """Relative change of the recorded throughput when an update replaced an entry."""
     if not previous or not previous.get("throughput"):
         return None
-    return entry["throughput"] / previous["throughput"] - 1
+    return float(entry["throughput"] / previous["throughput"] - 1)
+
+
+@dataclass
+class RunRecord:
+    """What the controller of a run (or a run without xdist) gathers for the summary and for
+    detecting unused baseline entries, syrupy-style."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)   # entry key -> as_summary()
+    collected: set[str] = field(default_factory=set)         # every collected node id, deselected too
+    selected_modules: set[str] = field(default_factory=set)  # modules run whole (not file.py::test)
+    finished: set[str] = field(default_factory=set)          # node ids whose call passed
+    unused: dict[str, list[str]] = field(default_factory=dict)   # baseline path -> unused entry keys
+    unused_removed: bool = False
+
+    def worker_output(self, baselines: Path) -> dict[str, Any]:
+        """What an xdist worker sends its controller: only node ids of modules with baseline files."""
+        with_files = {path.stem for path in Path(baselines).glob("*/*.json")}
+        return {"collected": sorted(nodeid for nodeid in self.collected if module_key(nodeid) in with_files),
+                "selected_modules": sorted(self.selected_modules)}
+
+    def merge(self, worker_output: dict[str, Any]) -> None:
+        self.collected.update(worker_output.get("collected", ()))
+        self.selected_modules.update(worker_output.get("selected_modules", ()))
+
+    def find_unused(self, baselines: Path, *, update: bool, hardware_key: Callable[[], str]) -> None:
+        """Entries of fully collected, selected modules whose test is gone or did not use them;
+        removed with ``update``. ``hardware_key`` is asked only when no benchmark ran."""
+        hardware_keys = {result["hardware_key"] for result in self.results.values()}
+        if not hardware_keys and any(Path(baselines).glob(f"*/{module}.json") for module in self.selected_modules):
+            hardware_keys = {hardware_key()}
+        finished = self.finished if len(hardware_keys) == 1 else set()
+        for key in sorted(hardware_keys):
+            store = BaselineStore(baselines, key)
+            for module in sorted(self.selected_modules & set(store.modules())):
+                unused = store.unused(module, collected=self.collected, finished=finished,
+                                      used=set(self.results))
+                if not unused:
+                    continue
+                self.unused[str(store.path(module))] = unused
+                if update:
+                    store.remove(module, unused)
+                    self.unused_removed = True

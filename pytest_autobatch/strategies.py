@@ -15,8 +15,9 @@ import math
 
 from hypothesis import strategies as st
 
+from .devices.base import MODES
+from .devices.simulated import PROFILES, SimulatedDevice, SimulatedModel, SimulatedWorkload, model_for_max_batch
 from .errors import ConfigError
-from .simulate import MODES, PROFILES, SimulatedDevice, SimulatedModel, SimulatedWorkload, model_for_max_batch
 
 
 def gpu_profiles() -> st.SearchStrategy[str]:
@@ -32,7 +33,7 @@ def simulated_devices(profiles: st.SearchStrategy[str] | None = None, *,
 
 
 @st.composite
-def simulated_models(draw, profile: str = "h100", *, min_max_batch: int = 1, max_max_batch: int = 16384,
+def simulated_models(draw: st.DrawFn, profile: str = "h100", *, min_max_batch: int = 1, max_max_batch: int = 16384,
                      batch_one_fits: bool | None = True) -> SimulatedModel:
     """Models whose largest inference batch on ``profile`` is about ``min_max_batch..max_max_batch``
     (log-uniform): linear or curved memory, jitter, a throughput knee or none.
@@ -57,7 +58,7 @@ def simulated_models(draw, profile: str = "h100", *, min_max_batch: int = 1, max
 
 
 @st.composite
-def simulated_workloads(draw, *, modes: tuple[str, ...] = ("inference",), min_max_batch: int = 1,
+def simulated_workloads(draw: st.DrawFn, *, modes: tuple[str, ...] = ("inference",), min_max_batch: int = 1,
                         max_max_batch: int = 16384, batch_one_fits: bool | None = True,
                         timing_noise: float = 0.02) -> SimulatedWorkload:
     """A simulated model running on a simulated device of the same profile.

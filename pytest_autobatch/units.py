@@ -1,4 +1,4 @@
-"""Sizes as people write them ("2GiB", "512MB") turned into bytes and back, without importing torch."""
+"""Sizes ("2GiB", "512MB") and fractions ("10%") as people write them, turned into numbers and back."""
 
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def parse_size(value: int | str, *, what: str = "--autobatch-memory-budget") -> 
     if size <= 0:
         raise ConfigError(f"{what} {value!r} must be more than 0 bytes: use {SIZE_FORMS}")
     return size
+
+
+def parse_fraction(text: str | float, *, what: str = "tolerance") -> float:
+    """"10%" or "0.1" -> 0.1: a fraction in [0, 1); ConfigError saying it is no ``what`` otherwise."""
+    raw = str(text).strip()
+    try:
+        value: float | None = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise ConfigError(f"{text!r} is not a {what}: use a percentage such as 10% or a "
+                          f"fraction such as 0.1 (at least 0, below 100%)")
+    return value
 
 
 def format_bytes(count: float | None, *, missing: str = "n/a") -> str:

@@ -13,9 +13,9 @@ from pytest_autobatch.errors import OutOfMemory
 
 torch = pytest.importorskip("torch")
 
-from pytest_autobatch import torch_device as torch_device_module  # noqa: E402
-from pytest_autobatch.torch_device import CudaDevice, OomLeakWarning  # noqa: E402
-from pytest_autobatch.torch_measure import FAST  # noqa: E402
+from pytest_autobatch.devices import torch_devices as torch_device_module  # noqa: E402
+from pytest_autobatch.devices.torch_devices import CudaDevice, OomLeakWarning  # noqa: E402
+from pytest_autobatch.devices.torch_timing import FAST  # noqa: E402
 
 GIB = 1024 ** 3
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -155,7 +155,7 @@ def test_hardware_fingerprint(monkeypatch):
 
 @pytest.fixture
 def gpu():
-    from pytest_autobatch.device import get_device
+    from pytest_autobatch.devices import get_device
     device = get_device("cuda")
     yield device
     device.release()

@@ -5,11 +5,12 @@ import json
 import pytest
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.usefixtures("outside_xdist")
 
 MODELS = '''
 import json, os
 import pytest
-from pytest_autobatch.simulate import SimulatedModel
+from pytest_autobatch.devices.simulated import SimulatedModel
 
 FLOPS = {flops}
 ACTIVATIONS = {activations}
@@ -42,13 +43,6 @@ def test_plain():
 
 SIM = ("--autobatch", "--autobatch-device=sim:h100")
 TOY_KEY = "test_models.py::test_toy::toy"
-
-
-@pytest.fixture(autouse=True)
-def outside_xdist(monkeypatch):
-    """Inner runs must not think they are xdist workers when this suite itself runs under -n."""
-    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -203,7 +197,7 @@ def test_bad_ini_value_is_a_usage_error(project):
 def test_marker_targets_are_asserted_and_validated(pytester):
     pytester.makepyfile(test_marked='''
         import pytest
-        from pytest_autobatch.simulate import SimulatedModel
+        from pytest_autobatch.devices.simulated import SimulatedModel
         MODEL = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e10)
 
         @pytest.mark.autobatch(min_speedup=1e6)
@@ -328,7 +322,7 @@ def test_xdist_worker_i_gets_gpu_i_of_the_outer_mask(project, monkeypatch):
 
 def test_pytest_benchmark_gets_hardware_and_results(pytester):
     pytester.makepyfile(test_bench='''
-        from pytest_autobatch.simulate import SimulatedModel
+        from pytest_autobatch.devices.simulated import SimulatedModel
         def test_bench(benchmark, optimal_batch):
             optimal_batch(SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7,
                                          flops_per_sample=1e10))

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("torch")
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.usefixtures("outside_xdist")
 
 PROJECT = '''
 import torch
@@ -22,12 +23,6 @@ def test_mlp(optimal_batch):
     result = optimal_batch(model, torch.rand(1, 256), name="mlp", cap=4096, timing=FAST)
     print(f"RESULT {result.status} {result.optimal_batch} {result.max_batch} {result.probes} {result.ooms}")
 '''
-
-
-@pytest.fixture(autouse=True)
-def outside_xdist(monkeypatch):
-    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def outcome(run):

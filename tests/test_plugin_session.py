@@ -10,9 +10,9 @@ import pytest
 
 import pytest_autobatch
 from pytest_autobatch import stored_optimal_batch
+from pytest_autobatch.devices.simulated import SimulatedDevice, SimulatedModel
 from pytest_autobatch.errors import BaselineError, ConfigError
 from pytest_autobatch.session import AutobatchSession, Settings, worker_gpu_mask
-from pytest_autobatch.simulate import SimulatedDevice, SimulatedModel
 
 MODEL = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=50_000_000,
                        flops_per_sample=4e10)
@@ -50,7 +50,6 @@ def test_expect_reports_every_missed_target_with_numbers(tmp_path):
 def test_a_speedup_target_missed_by_noise_alone_does_not_fail(tmp_path):
     result = session(tmp_path).run("t.py::test_a", MODEL)
     just_above = result.speedup * 1.02    # the medians miss it by 2%, the samples cannot tell
-    assert result.speedup < just_above
     result.expect(min_speedup=just_above)
     result.throughput_samples, result.batch1_throughput_samples = [], []
     with pytest.raises(AssertionError, match="speedup"):
@@ -149,7 +148,7 @@ def test_public_api_resolves_every_name_without_importing_torch():
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        pytest_autobatch.nothing
+        pytest_autobatch.nothing  # noqa: B018
 
 
 def test_each_model_and_mode_in_a_test_gets_its_own_entry(tmp_path):
@@ -164,12 +163,14 @@ def test_each_model_and_mode_in_a_test_gets_its_own_entry(tmp_path):
 
 
 def test_an_oom_at_batch_1_is_not_called_a_stored_batch():
-    from pytest_autobatch.runner import check_entry
+    from pytest_autobatch.gate import check_entry
+    from pytest_autobatch.record import Remeasurement
     entry = {"model": "toy", "optimal_batch": 8, "max_batch": 16, "throughput_samples": [1.0] * 15,
              "peak_memory_bytes": 100, "model_fingerprint_hash": "x"}
-    findings, _ = check_entry(entry, throughput_samples=[], peak_memory_bytes=None, oom_batches=[1, 16],
-                              hardware="gpu", fingerprint={})
-    messages = [finding.message for finding in findings if finding.kind == "oom"]
+    now = Remeasurement(throughput_samples=[], batch1_throughput_samples=[], peak_memory_bytes=None,
+                        oom_batches=[1, 16], fingerprint={})
+    messages = [finding.message for finding in check_entry(entry, now, hardware="gpu").findings
+                if finding.kind == "oom"]
     assert "out of memory at batch 1;" in messages[0]
     assert "out of memory at the stored maximum batch 16 (recorded peak" in messages[1]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pytest_autobatch.errors import BaselineError
-from pytest_autobatch.report_md import (format_bytes, format_number, read_results, render_markdown,
-                                        write_report)
+from pytest_autobatch.report.markdown import render_markdown, write_report
+from pytest_autobatch.report.results import read_results
 
 SAMPLE = Path(__file__).parent / "data" / "report_baselines"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,10 +45,9 @@ def test_results_table_holds_the_search_figures():
     entry = json.loads((SAMPLE / "sim-h100" / "benchmarks__test_models.json").read_text())[
         "entries"]["benchmarks/test_models.py::test_model[resnet50]::resnet50"]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[2:8] == [str(entry["optimal_batch"]), str(entry["max_batch"]),
-                          format_number(entry["throughput"]),
-                          format_number(entry["batch1_throughput"]), f"{entry['speedup']:.2f}×",
-                          format_bytes(entry["peak_memory_bytes"])]
+    # 2925.7 samples/s, 400.0 at batch 1, speedup 7.314, 27,648,851,968 bytes, as the reader sees them
+    assert cells[2:8] == [str(entry["optimal_batch"]), str(entry["max_batch"]), "2,926", "400", "7.31×",
+                          "25.75 GiB"]
     assert cells[8] == "12.5 s"
     assert cells[9] == f"{entry['search']['probes']} / {entry['search']['ooms']}"
     assert cells[10] == "73.47 GiB / 77.33 GiB (-5%) at 812"   # predicted vs measured at max batch
@@ -117,8 +116,8 @@ def test_a_corrupt_baseline_file_is_named_and_left_untouched(tmp_path):
 
 def test_reports_entries_recorded_by_the_search_on_simulated_gpus(tmp_path):
     from pytest_autobatch.baselines import BaselineStore
-    from pytest_autobatch.runner import search_workload
-    from pytest_autobatch.simulate import SimulatedModel, simulated_device
+    from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
+    from pytest_autobatch.record import record_entry
 
     model = SimulatedModel("sim-resnet", weights_bytes=2**30, activation_bytes_per_sample=90 * 2**20,
                            flops_per_sample=8e9)
@@ -126,7 +125,7 @@ def test_reports_entries_recorded_by_the_search_on_simulated_gpus(tmp_path):
     for profile in ("sim:h100", "sim:a5000"):
         device = simulated_device(profile)
         workload = device.workload(model)
-        entry = search_workload(device, workload, model="sim-resnet")
+        entry = record_entry(device, workload, model="sim-resnet")
         store = BaselineStore(tmp_path / "baselines", device.hardware_key(), device.hardware())
         store.put("benchmarks/test_sim.py::test_sim::sim-resnet", entry)
         recorded[device.hardware_key()] = entry

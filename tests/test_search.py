@@ -6,11 +6,12 @@ import math
 import statistics
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from pytest_autobatch.devices.simulated import SimulatedDevice, SimulatedModel, model_for_max_batch
 from pytest_autobatch.errors import ConfigError, NoBatchFits, OutOfMemory
 from pytest_autobatch.search import Probe, find_max_batch, find_optimal_batch, predicted_max_batch
-from pytest_autobatch.simulate import SimulatedDevice, SimulatedModel, model_for_max_batch
 from pytest_autobatch.strategies import simulated_models, simulated_workloads
 
 SEARCH = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -40,7 +41,8 @@ def test_the_maximum_is_exact_and_certified(workload, cap, capacity, start):
     if result.max_batch < cap:
         assert outcomes[result.max_batch + 1] is False
     assert all(probe.batch <= cap for probe in result.probes)
-    assert result.ooms == sum(not fits for fits in outcomes.values()) == sum(p.peak_bytes is None for p in result.probes)
+    assert result.ooms == sum(not fits for fits in outcomes.values())
+    assert result.ooms == sum(p.peak_bytes is None for p in result.probes)
     assert result.peak_bytes == workload.needed_bytes(result.max_batch)
     # Without a given capacity, the first OOM's (the simulator names the memory available) supplies it.
     learned = capacity or result.ooms
@@ -201,10 +203,10 @@ def test_optimal_is_within_tolerance_of_the_exhaustive_best(workload):
     max_batch = workload.true_max_batch(8192)
     result = find_optimal_batch(workload.measure, max_batch=max_batch)
     assert 1 <= result.optimal_batch <= result.best_batch <= max_batch
-    assert result.throughput >= (1 - result.tolerance) * result.best_throughput
-    assert result.throughput >= (1 - result.tolerance - 0.02) * _expected_best(workload, max_batch)
+    assert result.throughput >= (1 - result.band) * result.best_throughput
+    assert result.throughput >= (1 - result.band - 0.02) * _expected_best(workload, max_batch)
     smaller = [batch for batch in result.measurements if batch < result.optimal_batch]
-    assert all(statistics.median(result.measurements[batch]) < (1 - result.tolerance) * result.best_throughput
+    assert all(statistics.median(result.measurements[batch]) < (1 - result.band) * result.best_throughput
                for batch in smaller)
 
 
@@ -251,7 +253,7 @@ def test_bad_samples_are_a_config_error(samples, message):
 
 
 @pytest.mark.parametrize("options, message", [({"max_batch": 0}, "max_batch must be an integer >= 1"),
-                                              ({"max_batch": 4, "tolerance": 1.0}, "tolerance must be"),
+                                              ({"max_batch": 4, "band": 1.0}, "band must be"),
                                               ({"max_batch": 4, "max_latency_s": 0}, "max_latency_s must be")])
 def test_bad_optimal_options_are_a_config_error(options, message):
     with pytest.raises(ConfigError, match=message):

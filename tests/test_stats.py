@@ -3,11 +3,11 @@
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytest_autobatch.errors import ConfigError
 from pytest_autobatch.stats import compare_throughput, mann_whitney_u, speedup_below, summarize
-
 
 
 def test_summary_uses_interpolated_quartiles():

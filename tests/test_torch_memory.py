@@ -12,8 +12,8 @@ from pytest_autobatch.errors import OutOfMemory
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from pytest_autobatch.torch_device import CpuDevice, OomLeakWarning  # noqa: E402
-from pytest_autobatch.torch_memory import FakeModel, LiveMemory, predict, state_tensors  # noqa: E402
+from pytest_autobatch.devices.torch_devices import CpuDevice, OomLeakWarning  # noqa: E402
+from pytest_autobatch.devices.torch_memory import FakeModel, LiveMemory, predict, state_tensors  # noqa: E402
 
 MIB = 1024 ** 2
 

@@ -18,20 +18,18 @@ the device (``torch_device``) through ``TorchBackend``.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Protocol
 
 import torch
 
-from .device import MODES
-from .errors import ConfigError, NoBatchFits, is_oom_error
-from .stats import median
-from .torch_measure import Meter, TimingBudget, measure_throughput
+from ..errors import ConfigError, NoBatchFits, catch_oom
+from ..stats import median
+from .base import MODES, stable_hash
 from .torch_memory import FakeModel, Prediction, predict, state_tensors
+from .torch_timing import Meter, TimingBudget, measure_throughput
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -73,10 +71,6 @@ class TorchBackend(Protocol):
     def peak_tflops(self, dtype: torch.dtype) -> float | None: ...
 
     def release(self) -> None: ...
-
-
-def _sha16(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _dtype_option(value: Any, option: str) -> torch.dtype:
@@ -170,7 +164,10 @@ def sum_of_outputs(output: Any, _inputs: Any = None) -> torch.Tensor:
     if not tensors:
         raise ConfigError("train: the model returned no floating-point tensor that requires grad; "
                           "pass loss_fn=lambda output, inputs: ... returning a scalar loss")
-    return sum(tensor.sum() for tensor in tensors)
+    total = tensors[0].sum()
+    for tensor in tensors[1:]:
+        total = total + tensor.sum()
+    return total
 
 
 # --- optimizers ----------------------------------------------------------------------------
@@ -251,17 +248,17 @@ class TorchWorkload:
         """One forward pass on the example as given, so a model and an example input that do not go
         together fail here with a message that says so, not deep inside the search."""
         try:
-            with torch.no_grad(), self._autocast():
+            with catch_oom() as caught, torch.no_grad(), self._autocast():
                 call_model(self.model, self.example)
         except Exception as exc:
-            if is_oom_error(exc):
-                raise NoBatchFits(f"{type(self.model).__name__}: the example input alone does not fit "
-                                  f"on {self.backend.name}: {exc}") from exc
             raise ConfigError(
                 f"{type(self.model).__name__} fails on the example input {_describe(self.example)} "
                 f"(per-sample shapes, batch dimension first): {type(exc).__name__}: {exc}. "
                 f"Give an example input that the model's forward takes; this is not an out-of-memory "
                 f"error") from exc
+        if caught.error is not None:
+            raise NoBatchFits(f"{type(self.model).__name__}: the example input alone does not fit "
+                              f"on {self.backend.name}: {caught.error}") from caught.error
 
     def _check_model_device(self) -> None:
         target = self.backend.torch_device
@@ -298,6 +295,7 @@ class TorchWorkload:
         """One iteration of the workload on already built ``inputs``."""
         if self.mode == "train":
             optimizer = optimizer or self.optimizer
+            assert optimizer is not None  # a train workload always has one
             optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 output = call_model(self.model, inputs)
@@ -312,7 +310,8 @@ class TorchWorkload:
             tokens = self.max_new_tokens
             generate_kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                    pad_token_id=self._pad_token_id())
-            call_model(partial(self.model.generate, **generate_kwargs), inputs)
+            generate: Callable[..., Any] = self.model.generate  # type: ignore[assignment]  # checked at construction
+            call_model(partial(generate, **generate_kwargs), inputs)
 
     def run_batch(self, batch: int, optimizer: torch.optim.Optimizer | None = None,
                   example: Any = None) -> None:
@@ -335,8 +334,8 @@ class TorchWorkload:
         first = params[0][1] if params else None
         fingerprint = {
             "model_class": f"{model_class.__module__}.{model_class.__qualname__}",
-            "architecture_hash": _sha16(repr(self.model)),
-            "parameter_shapes_hash": _sha16([(name, list(p.shape), _dtype_name(p.dtype)) for name, p in params]),
+            "architecture_hash": stable_hash(repr(self.model)),
+            "parameter_shapes_hash": stable_hash([(name, list(p.shape), _dtype_name(p.dtype)) for name, p in params]),
             "parameters": sum(p.numel() for _, p in params),
             "dtype": _dtype_name(first.dtype if first is not None else self.dtype),
             "inputs": _describe(self.example),
@@ -377,6 +376,7 @@ class TorchWorkload:
             if self.mode != "train":
                 self.run_batch(batch, example=example)
                 return None
+            assert self.optimizer is not None  # a train workload always has one
             optimizer = _fake_optimizer(self.optimizer, fake.parameters())
             self.run_batch(1, optimizer, example)
             return lambda: self.run_batch(batch, optimizer, example)
@@ -405,17 +405,15 @@ class TorchWorkload:
     def measure(self, batch: int) -> list[float]:
         self.ensure_steady_state()
         before = self.backend.allocated_bytes()
-        inputs = expand_batch(self.example, batch)
+        step = partial(self.step, expand_batch(self.example, batch))
         meter = self.backend.energy_meter()
-        try:
-            timing = measure_throughput(lambda: self.step(inputs), batch, budget=self.timing,
-                                        sync=self.backend.synchronize, meter=meter)
-        except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            del inputs   # before the memory check: the batch itself is the workload's
-            raise self.backend.after_oom(exc, batch, before, None, limit="device", needed=None,
-                                         available=self.backend.capacity_bytes()) from None
+        with catch_oom() as caught:
+            timing = measure_throughput(step, batch, budget=self.timing, sync=self.backend.synchronize,
+                                        meter=meter)
+        del step   # the batch it holds goes before the memory check after an OOM
+        if caught.error is not None:
+            raise self.backend.after_oom(caught.error, batch, before, None, limit="device", needed=None,
+                                         available=self.backend.capacity_bytes())
         self._throughput[batch] = median(timing.samples)
         extras: dict[str, Any] = {}
         if meter is not None:

@@ -1,88 +1,30 @@
 """Markdown report of the stored baselines: one row per model and device, plus a side-by-side
 comparison where the baselines hold several devices.
 
-Reads the baseline JSON files (``baselines/<hardware_key>/<module>.json``, see DESIGN.md) and
-imports neither torch nor pytest. ``write_report`` is what the console script and the plugin's
-``--autobatch-report=DIR`` call.
+``write_report`` is what the console script and the plugin's ``--autobatch-report=DIR`` call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .baselines import BaselineStore, split_entry_key
-from . import units
-from .errors import BaselineError, ConfigError
+from ..errors import BaselineError, ConfigError
+from .results import (
+    Result,
+    cell,
+    energy_per_sample,
+    format_bytes,
+    format_max_batch,
+    format_number,
+    format_prediction,
+    format_seconds,
+    latency_at_optimal,
+    read_results,
+    search_cells,
+)
 
 REPORT_FILE = "report.md"
-
-
-@dataclass(frozen=True)
-class Result:
-    """One stored entry, with the device it was recorded on."""
-
-    hardware_key: str
-    hardware: dict[str, Any]
-    module: str
-    key: str
-    entry: dict[str, Any]
-
-    @property
-    def model(self) -> str:
-        return str(self.entry.get("model") or split_entry_key(self.key)[1])
-
-    @property
-    def label(self) -> str:
-        """The model, with its mode when it is not plain inference (e.g. "resnet50 (train)")."""
-        mode = self.entry.get("mode", "inference")
-        return self.model if mode == "inference" or mode in self.model else f"{self.model} ({mode})"
-
-
-def read_results(baselines_dir: str | Path) -> list[Result]:
-    """Every entry of every baseline file under ``baselines_dir``, sorted by model then device.
-
-    Raises BaselineError for a missing directory or a file that is not a baseline file.
-    """
-    root = Path(baselines_dir)
-    if not root.is_dir():
-        raise BaselineError(f"no baselines directory at '{root}': run `pytest --autobatch` to "
-                            f"record baselines, or pass the directory that holds them")
-    results = []
-    for folder in sorted(path for path in root.iterdir() if path.is_dir()):
-        store = BaselineStore(root, folder.name)
-        for module in store.modules():
-            document = store.read(module)
-            hardware = dict(document.get("hardware") or {})
-            for key, entry in sorted(document["entries"].items()):
-                results.append(Result(folder.name, hardware, module, key, entry))
-    return sorted(results, key=lambda r: (r.label, r.module, r.key, r.hardware_key))
-
-
-# ---- formatting -------------------------------------------------------------------------------
-
-def format_bytes(value: float | None) -> str:
-    return units.format_bytes(value, missing="–")
-
-
-def format_number(value: float | None) -> str:
-    """Three significant figures, thousands separated: 12,345 / 123 / 12.3 / 0.0123."""
-    if value is None:
-        return "–"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
-
-
-def format_seconds(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.1f} s"
-
-
-def _cell(value: Any) -> str:
-    return "–" if value is None else str(value)
 
 
 def _table(header: list[str], rows: list[list[str]], *, text_columns: int = 1) -> list[str]:
@@ -91,48 +33,6 @@ def _table(header: list[str], rows: list[list[str]], *, text_columns: int = 1) -
              "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
-
-
-# ---- figures drawn from an entry --------------------------------------------------------------
-
-def latency_at_optimal(entry: dict[str, Any]) -> float | None:
-    """Seconds per batch at the optimal batch: batch / throughput."""
-    throughput, batch = entry.get("throughput"), entry.get("optimal_batch")
-    return batch / throughput if throughput and batch else None
-
-
-def memory_prediction(entry: dict[str, Any]) -> tuple[int, int, int] | None:
-    """(batch, predicted, measured) bytes at the largest probed batch with both figures, or None."""
-    pairs = [(p["batch"], p["predicted_bytes"], p["peak_bytes"]) for p in entry.get("probes", [])
-             if p.get("predicted_bytes") and p.get("peak_bytes")]
-    return max(pairs) if pairs else None
-
-
-def format_prediction(entry: dict[str, Any]) -> str:
-    found = memory_prediction(entry)
-    if found is None:
-        return "–"
-    batch, predicted, measured = found
-    error = (predicted - measured) / measured * 100
-    return f"{format_bytes(predicted)} / {format_bytes(measured)} ({error:+.0f}%) at {batch}"
-
-
-def energy_per_sample(entry: dict[str, Any]) -> float | None:
-    return (entry.get("extras") or {}).get("energy_per_sample_j")
-
-
-def format_max_batch(entry: dict[str, Any]) -> str:
-    """The maximum safe batch, marked "(cap)" when the search stopped at the cap, not at memory."""
-    max_batch = entry.get("max_batch")
-    if max_batch is not None and max_batch == entry.get("cap"):
-        return f"{max_batch} (cap)"
-    return _cell(max_batch)
-
-
-def _search_cell(entry: dict[str, Any]) -> tuple[str, str]:
-    search = entry.get("search") or {}
-    return (format_seconds(search.get("seconds")),
-            f"{_cell(search.get('probes'))} / {_cell(search.get('ooms'))}")
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -150,11 +50,11 @@ def results_table(results: list[Result]) -> list[str]:
     for result in results:
         entry = result.entry
         speedup = entry.get("speedup")
-        row = [result.label, f"`{result.hardware_key}`", _cell(entry.get("optimal_batch")),
+        row = [result.label, f"`{result.hardware_key}`", cell(entry.get("optimal_batch")),
                format_max_batch(entry), format_number(entry.get("throughput")),
                format_number(entry.get("batch1_throughput")),
                "–" if speedup is None else f"{speedup:.2f}×",
-               format_bytes(entry.get("peak_memory_bytes")), *_search_cell(entry),
+               format_bytes(entry.get("peak_memory_bytes")), *search_cells(entry),
                format_prediction(entry)]
         if with_energy:
             energy = energy_per_sample(entry)
@@ -168,7 +68,7 @@ def devices_table(results: list[Result]) -> list[str]:
     devices = {r.hardware_key: r.hardware for r in results}
     with_budget = any(hw.get("memory_budget_bytes") for hw in devices.values())
     header = ["hardware key", "name", "device", "memory"] + (["memory budget"] if with_budget else [])
-    rows = [[f"`{key}`", _cell(hw.get("name")), _cell(hw.get("device")),
+    rows = [[f"`{key}`", cell(hw.get("name")), cell(hw.get("device")),
              format_bytes(hw.get("total_memory_bytes"))]
             + ([format_bytes(hw.get("memory_budget_bytes"))] if with_budget else [])
             for key, hw in sorted(devices.items())]
@@ -187,7 +87,7 @@ def comparison_tables(results: list[Result], *, heading: str = "###") -> list[st
     for result in results:
         by_model.setdefault(result.label, {})[result.hardware_key] = result.entry
     metrics = [("Throughput at the optimal batch (samples/s, optimal batch in brackets)",
-                lambda e: f"{format_number(e.get('throughput'))} ({_cell(e.get('optimal_batch'))})"),
+                lambda e: f"{format_number(e.get('throughput'))} ({cell(e.get('optimal_batch'))})"),
                ("Latency of one batch at the optimal batch",
                 lambda e: format_seconds(latency_at_optimal(e))),
                ("Speedup of the optimal batch over batch 1",
@@ -196,8 +96,8 @@ def comparison_tables(results: list[Result], *, heading: str = "###") -> list[st
         metrics.append(("Energy per sample (J)",
                         lambda e: "–" if energy_per_sample(e) is None else f"{energy_per_sample(e):.3g}"))
     lines: list[str] = []
-    for title, cell in metrics:
-        rows = [[label] + [cell(entries[d]) if d in entries else "–" for d in devices]
+    for title, figure in metrics:
+        rows = [[label] + [figure(entries[d]) if d in entries else "–" for d in devices]
                 for label, entries in sorted(by_model.items())]
         lines += ["", f"{heading} {title}", ""] + _table(["model"] + [f"`{d}`" for d in devices], rows)
     return lines

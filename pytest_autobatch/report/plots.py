@@ -6,12 +6,12 @@ matplotlib's object API (no pyplot, no global backend change); matplotlib is imp
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingDependency
-from .report_md import Result, format_max_batch
+from ..devices.base import slug
+from ..errors import MissingDependency
+from .results import Result, format_max_batch
 
 PLOTS_DIR = "plots"
 OPTIMAL_STYLE = {"color": "tab:green", "linestyle": "--", "linewidth": 1.5}
@@ -24,10 +24,6 @@ def _figure_class() -> Any:
     except ImportError as exc:
         raise MissingDependency("matplotlib", "report", "Plotting the baselines") from exc
     return Figure
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
 def _memory_unit(values: list[float]) -> tuple[str, float]:
@@ -112,9 +108,9 @@ def write_plots(results: list[Result], out_dir: Path) -> dict[tuple[str, str], P
     written: dict[tuple[str, str], Path] = {}
     used_names: set[str] = set()
     for result in results:
-        name = _slug(f"{result.hardware_key}--{result.label}")
+        name = f"{result.hardware_key}--{slug(result.label)}"
         if name in used_names:
-            name = _slug(f"{result.hardware_key}--{result.module}--{result.key}")
+            name = f"{result.hardware_key}--{slug(result.module)}--{slug(result.key)}"
         used_names.add(name)
         written[(result.hardware_key, result.key)] = plot_entry(
             result, Path(out_dir) / PLOTS_DIR / f"{name}.png")

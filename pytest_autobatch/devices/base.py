@@ -1,4 +1,5 @@
-"""What every device offers the search, the plugin and the reports, and how a device is named.
+"""What every device offers the search, the plugin and the reports, how a device is named, and
+the two hashes and slugs that fingerprints and file names are made of.
 
 A device turns (model, example input, mode) into a Workload that can be probed for memory and
 measured for throughput at any batch size. Devices: ``sim:PROFILE`` (pure Python, no torch),
@@ -7,9 +8,12 @@ measured for throughput at any batch size. Devices: ``sim:PROFILE`` (pure Python
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from typing import Any, Protocol
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MODES = ("inference", "train", "generate")
 
@@ -66,11 +70,12 @@ def parse_device_name(spec: str) -> str:
                       f"(e.g. sim:h100)")
 
 
-def get_device(spec: str = "auto", *, memory_budget: int | None = None) -> Device:
-    """The device for ``spec``; torch is imported only for cpu/cuda/auto."""
-    name = parse_device_name(spec)
-    if name.startswith("sim:"):
-        from .simulate import simulated_device
-        return simulated_device(name)
-    from .torch_device import torch_device
-    return torch_device(name, memory_budget=memory_budget)
+def stable_hash(value: Any) -> str:
+    """16 hex digits of SHA-256 over ``value`` as sorted JSON: the same value, the same hash, anywhere."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    """Lower-case, filesystem-safe: letters, digits and single dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"

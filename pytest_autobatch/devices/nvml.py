@@ -34,6 +34,17 @@ def _load_pynvml() -> ModuleType | str:
     return pynvml
 
 
+def gpu_count() -> int:
+    """GPUs NVML sees (it ignores CUDA_VISIBLE_DEVICES and never initialises CUDA); 0 without NVML."""
+    module = _load_pynvml()
+    if isinstance(module, str):
+        return 0
+    try:
+        return int(module.nvmlDeviceGetCount())
+    except Exception:  # a driver that answers nvmlInit but not the count: nothing to spread over
+        return 0
+
+
 class NvmlGpu:
     """One GPU's NVML handle; each reading returns None when NVML cannot give it."""
 
@@ -101,7 +112,6 @@ def open_gpu(torch_uuid: Any, *, pynvml: ModuleType | None = None) -> NvmlGpu | 
 
 class EnergyMeter:
     """Energy over a timed window, from the total-energy counter (deltas over seconds, not power samples)."""
-
 
     def __init__(self, gpu: NvmlGpu | str):
         self._gpu = gpu

@@ -11,17 +11,18 @@ from __future__ import annotations
 import gc
 import traceback
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
-from . import hardware
-from .device import parse_device_name
-from .errors import ConfigError, OutOfMemory, is_oom_error
+from ..errors import ConfigError, OutOfMemory, catch_oom
+from ..units import format_bytes, parse_size
+from .base import parse_device_name
+from .hardware import cpu_hardware, cuda_hardware, datasheet_peak_tflops, default_cpu_budget_bytes, key_of_hardware
 from .nvml import EnergyMeter, NvmlGpu, open_gpu
 from .torch_memory import LiveMemory
 from .torch_workload import TorchWorkload
-from .units import format_bytes, parse_size
 
 
 class OomLeakWarning(RuntimeWarning):
@@ -33,7 +34,7 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-class _TorchDevice:
+class _TorchDevice(ABC):
     """What the CPU and CUDA devices share: workloads, the OOM aftermath, fingerprints."""
 
     name: str
@@ -48,14 +49,32 @@ class _TorchDevice:
                  **options: Any) -> TorchWorkload:
         return TorchWorkload(self, model, example_input, mode=mode, **options)
 
-    def hardware(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def hardware(self) -> dict[str, Any]: ...
 
     def hardware_key(self) -> str:
-        return hardware.hardware_key(self.hardware())
+        return key_of_hardware(self.hardware())
 
-    def allocated_bytes(self, tracker: LiveMemory | None = None) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def allocated_bytes(self, tracker: LiveMemory | None = None) -> int: ...
+
+    @abstractmethod
+    def capacity_bytes(self) -> int: ...
+
+    @abstractmethod
+    def probe_peak(self, workload: TorchWorkload, batch: int) -> int: ...
+
+    @abstractmethod
+    def synchronize(self) -> None: ...
+
+    @abstractmethod
+    def energy_meter(self) -> EnergyMeter | None: ...
+
+    @abstractmethod
+    def other_allocated_bytes(self, workload: TorchWorkload) -> int: ...
+
+    @abstractmethod
+    def peak_tflops(self, dtype: torch.dtype) -> float | None: ...
 
     def release(self) -> None:
         gc.collect()
@@ -92,13 +111,14 @@ class CpuDevice(_TorchDevice):
     torch_device = torch.device("cpu")
 
     def __init__(self, budget_bytes: int | None = None):
-        super().__init__(budget_bytes or hardware.default_cpu_budget_bytes())
+        self.budget: int = budget_bytes or default_cpu_budget_bytes()
+        super().__init__(self.budget)
 
     def hardware(self) -> dict[str, Any]:
-        return hardware.cpu_hardware(self.budget_bytes)
+        return cpu_hardware(self.budget)
 
     def capacity_bytes(self) -> int:
-        return self.budget_bytes
+        return self.budget
 
     def allocated_bytes(self, tracker: LiveMemory | None = None) -> int:
         return tracker.live_bytes if tracker is not None else 0
@@ -107,17 +127,13 @@ class CpuDevice(_TorchDevice):
         tracker = LiveMemory(budget_bytes=self.budget_bytes)
         tracker.track(workload.resident_tensors())
         before = tracker.live_bytes
-        try:
-            with tracker:
-                workload.run_batch(batch)
-        except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            over_budget = isinstance(exc, OutOfMemory) and exc.limit == "budget"
-            raise self.after_oom(exc, batch, before, tracker,
-                                  limit="budget" if over_budget else "device",
-                                  needed=getattr(exc, "needed_bytes", None),
-                                  available=self.budget_bytes) from None
+        with catch_oom() as caught, tracker:
+            workload.run_batch(batch)
+        if caught.error is not None:
+            error = caught.error
+            over_budget = isinstance(error, OutOfMemory) and error.limit == "budget"
+            raise self.after_oom(error, batch, before, tracker, limit="budget" if over_budget else "device",
+                                 needed=getattr(error, "needed_bytes", None), available=self.budget_bytes)
         return tracker.peak_bytes
 
     def synchronize(self) -> None:
@@ -148,7 +164,7 @@ class CudaDevice(_TorchDevice):
 
     def hardware(self) -> dict[str, Any]:
         info = self.nvml.info() if isinstance(self.nvml, NvmlGpu) else {"unavailable": self.nvml}
-        return hardware.cuda_hardware(self.index, info)
+        return cuda_hardware(self.index, info)
 
     def capacity_bytes(self) -> int:
         """Free device memory now plus what this process's allocator has cached (reusable)."""
@@ -167,14 +183,12 @@ class CudaDevice(_TorchDevice):
         torch.cuda.synchronize(self.index)
         before = torch.cuda.memory_allocated(self.index)
         torch.cuda.reset_peak_memory_stats(self.index)
-        try:
+        with catch_oom() as caught:
             workload.run_batch(batch)
             torch.cuda.synchronize(self.index)
-        except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            raise self.after_oom(exc, batch, before, None, limit="device", needed=None,
-                                  available=self.capacity_bytes()) from None
+        if caught.error is not None:
+            raise self.after_oom(caught.error, batch, before, None, limit="device", needed=None,
+                                 available=self.capacity_bytes())
         peak = torch.cuda.max_memory_allocated(self.index)
         self._probe_records[batch] = {"peak_allocated_bytes": peak,
                                       "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.index),
@@ -204,7 +218,7 @@ class CudaDevice(_TorchDevice):
 
     def peak_tflops(self, dtype: torch.dtype) -> float | None:
         name = torch.cuda.get_device_properties(self.index).name
-        return hardware.peak_tflops(name, str(dtype).removeprefix("torch."),
+        return datasheet_peak_tflops(name, str(dtype).removeprefix("torch."),
                                     tf32=torch.backends.cuda.matmul.allow_tf32)
 
 

@@ -1,17 +1,18 @@
-"""The search-to-entry runner and the regression gate, on simulated GPUs (no pytest machinery)."""
+"""Recording a search into an entry, and the regression gate, on simulated GPUs (no pytest machinery)."""
 
 import re
 
 import pytest
 
+from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
 from pytest_autobatch.errors import OutOfMemory
-from pytest_autobatch.runner import check_entry, remeasure, search_workload
-from pytest_autobatch.simulate import SimulatedModel, simulated_device
+from pytest_autobatch.gate import check_entry
+from pytest_autobatch.record import Remeasurement, record_entry, remeasure
 
 MODEL = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=50_000_000,
                        flops_per_sample=4e10)
 DESIGN_KEYS = {"model", "device", "mode", "model_fingerprint", "model_fingerprint_hash", "optimal_batch",
-               "max_batch", "cap", "max_latency_s", "tolerance", "throughput", "throughput_samples",
+               "max_batch", "cap", "max_latency_s", "optimal_band", "throughput", "throughput_samples",
                "batch1_throughput", "batch1_throughput_samples", "speedup", "peak_memory_bytes",
                "max_batch_peak_memory_bytes", "capacity_bytes", "extras", "search", "probes", "targets",
                "recorded_at"}
@@ -19,12 +20,13 @@ DESIGN_KEYS = {"model", "device", "mode", "model_fingerprint", "model_fingerprin
 
 def recorded(model=MODEL, profile="sim:h100", **options):
     device = simulated_device(profile)
-    return search_workload(device, device.workload(model), model=model.name, **options)
+    return record_entry(device, device.workload(model), model=model.name, **options)
 
 
-def gate(entry, model=MODEL, **device_options):
+def gate(entry, model=MODEL, memory_tolerance=0.1, **device_options):
     device = simulated_device("sim:h100", **device_options)
-    return remeasure(device, device.workload(model), entry)
+    now = remeasure(device, device.workload(model), entry)
+    return now, check_entry(entry, now, hardware=device.hardware()["name"], memory_tolerance=memory_tolerance)
 
 
 def kinds(findings):
@@ -34,7 +36,7 @@ def kinds(findings):
 def test_search_entry_has_the_documented_fields_and_exact_maximum():
     device = simulated_device("sim:h100")
     workload = device.workload(MODEL)
-    entry = search_workload(device, workload, model="toy")
+    entry = record_entry(device, workload, model="toy")
     assert DESIGN_KEYS <= set(entry)
     assert entry["max_batch"] == workload.true_max_batch(8192)
     assert 1 <= entry["optimal_batch"] <= entry["max_batch"]
@@ -56,13 +58,13 @@ def test_latency_limit_and_cap_are_kept_in_the_entry():
 
 
 def test_unchanged_rerun_passes_the_gate():
-    check = gate(recorded())
-    assert not check.failed and check.oom_batches == []
-    assert abs(check.change) < 0.10 and len(check.throughput_samples) >= 15
+    now, check = gate(recorded())
+    assert not check.failed and now.oom_batches == []
+    assert abs(check.change) < 0.10 and len(now.throughput_samples) >= 15
 
 
 def test_slower_device_is_a_throughput_regression_naming_model_hardware_and_numbers():
-    check = gate(recorded(), slowdown=1.25)
+    _, check = gate(recorded(), slowdown=1.25)
     assert kinds(check.findings) == [("throughput_regression", True)]
     message = check.findings[0].message
     assert message.startswith("toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression:")
@@ -71,15 +73,15 @@ def test_slower_device_is_a_throughput_regression_naming_model_hardware_and_numb
 
 
 def test_faster_device_is_an_improvement_with_an_update_hint():
-    check = gate(recorded(), slowdown=0.7)
+    _, check = gate(recorded(), slowdown=0.7)
     assert kinds(check.findings) == [("improvement", False)]
     assert "--autobatch-update" in check.findings[0].message
 
 
 def test_less_memory_gives_oom_at_the_stored_maximum_not_a_crash():
     entry = recorded()
-    check = gate(entry, memory_overhead_bytes=4 * 2**30)
-    assert check.oom_batches == [entry["max_batch"]]
+    now, check = gate(entry, memory_overhead_bytes=4 * 2**30)
+    assert now.oom_batches == [entry["max_batch"]]
     assert ("oom", True) in kinds(check.findings)
     oom = next(f for f in check.findings if f.kind == "oom")
     assert f"stored maximum batch {entry['max_batch']}" in oom.message
@@ -89,8 +91,7 @@ def test_peak_memory_growth_beyond_tolerance_is_a_memory_regression():
     entry = recorded()
     bigger = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=60_000_000,
                             flops_per_sample=4e10)
-    device = simulated_device("sim:h100")
-    check = remeasure(device, device.workload(bigger), entry, memory_tolerance=0.05)
+    _, check = gate(entry, bigger, memory_tolerance=0.05)
     assert ("memory_regression", True) in kinds(check.findings)
     memory = next(f for f in check.findings if f.kind == "memory_regression")
     assert "tolerance 5%" in memory.message and "GiB ->" in memory.message
@@ -100,11 +101,12 @@ def test_peak_memory_growth_beyond_tolerance_is_a_memory_regression():
 
 def test_check_entry_flags_memory_drop_as_improvement():
     entry = recorded()
-    findings, change = check_entry(entry, throughput_samples=entry["throughput_samples"],
-                                   peak_memory_bytes=entry["peak_memory_bytes"] // 2, oom_batches=[],
-                                   hardware="gpu", fingerprint=entry["model_fingerprint"])
-    assert kinds(findings) == [("improvement", False)] and change == 0.0
-    assert "a larger batch may fit" in findings[0].message
+    now = Remeasurement(throughput_samples=entry["throughput_samples"], batch1_throughput_samples=[],
+                        peak_memory_bytes=entry["peak_memory_bytes"] // 2, oom_batches=[],
+                        fingerprint=entry["model_fingerprint"])
+    verdict = check_entry(entry, now, hardware="gpu")
+    assert kinds(verdict.findings) == [("improvement", False)] and verdict.change == 0.0
+    assert "a larger batch may fit" in verdict.findings[0].message
 
 
 def test_a_batch_that_runs_out_of_memory_while_timed_lowers_the_recorded_maximum():
@@ -120,7 +122,7 @@ def test_a_batch_that_runs_out_of_memory_while_timed_lowers_the_recorded_maximum
         return measure(batch)
 
     workload.measure = measure_with_fragmentation
-    entry = search_workload(device, workload, model=MODEL.name)
+    entry = record_entry(device, workload, model=MODEL.name)
     assert entry["optimal_batch"] <= entry["max_batch"] <= timing_limit < true_max
     ooms = [row["batch"] for row in entry["probes"] if row["outcome"] == "oom"]
     assert min(ooms) > entry["max_batch"] and entry["search"]["ooms"] == len(ooms)

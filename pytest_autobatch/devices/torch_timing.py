@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
-from .errors import ConfigError
-from .stats import summarize
+from ..errors import ConfigError
+from ..stats import summarize
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, OutOfMemory
+from ..errors import ConfigError, OutOfMemory
+from .base import MODES
 
 MiB = 1 << 20
 GiB = 1 << 30
 ALLOCATOR_BLOCK_BYTES = 2 * MiB  # the CUDA caching allocator reserves large segments in 2 MiB steps
-MODES = ("inference", "train", "generate")
 # (static memory, per-sample memory, FLOPs) multipliers per mode. Training keeps gradients and
 # two Adam states (4x weights), saves activations for backward (~3x) and does ~3x the FLOPs.
 _MODE_FACTORS = {"inference": (1.0, 1.0, 1.0), "train": (4.0, 3.0, 3.0), "generate": (1.0, 2.0, 1.0)}
@@ -87,7 +87,7 @@ class SimulatedModel:
     prediction_error: float = 0.1  # signed relative error of predict_peak_bytes on batch-dependent memory
     seed: int = 0  # seeds the memory jitter
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for field in ("weights_bytes", "activation_bytes_per_sample", "curvature_bytes", "workspace_bytes",
                       "falloff"):
             value = getattr(self, field)

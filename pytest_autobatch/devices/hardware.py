@@ -7,6 +7,8 @@ import platform
 import re
 from typing import Any
 
+from .base import slug
+
 #: Share of physical memory the CPU device may use when no budget is given.
 DEFAULT_CPU_BUDGET_SHARE = 0.25
 
@@ -23,11 +25,6 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("v100", {"float16": 125.0, "float32": 15.7}),
     ("t4", {"float16": 65.0, "float32": 8.1}),
 )
-
-
-def slug(text: str) -> str:
-    """Lower-case, filesystem-safe: letters, digits and single dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def _meminfo_total_bytes() -> int | None:
@@ -118,7 +115,7 @@ def cuda_hardware(index: int, nvml_info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def hardware_key(info: dict[str, Any]) -> str:
+def key_of_hardware(info: dict[str, Any]) -> str:
     """"nvidia-h100-80gb-hbm3-79gib" or "cpu-amd-epyc-7r13-processor-2cpus": stable per hardware kind."""
     if info["device"] == "cpu":
         return f"cpu-{slug(info['name'])}-{info['cpus']}cpus"
@@ -126,7 +123,7 @@ def hardware_key(info: dict[str, Any]) -> str:
     return f"{slug(info['name'])}-{gib}gib"
 
 
-def peak_tflops(gpu_name: str, dtype_name: str, *, tf32: bool = False) -> float | None:
+def datasheet_peak_tflops(gpu_name: str, dtype_name: str, *, tf32: bool = False) -> float | None:
     """The GPU's dense peak for ``dtype_name`` ("bfloat16", "float32", ...); None when unknown."""
     lowered = gpu_name.lower()
     key = "tf32" if dtype_name == "float32" and tf32 else dtype_name

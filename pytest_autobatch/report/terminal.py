@@ -1,13 +1,16 @@
-"""The end-of-session terminal summary: one row per model, then notes and unused baselines.
+"""What the terminal shows: a live progress line while a search runs, and the end-of-session
+summary (one row per model, then notes and unused baselines).
 
-Works on the plain dicts of ``BatchResult.as_summary()`` (they also arrive from xdist workers).
+The summary works on the plain dicts of ``BatchResult.as_summary()`` (they also arrive from
+xdist workers). The progress line writes through anything shaped like pytest's terminal reporter.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
-from .units import format_bytes
+from ..units import format_bytes
 
 _COLUMNS = ("model", "device", "optimal", "max", "samples/s", "speedup", "memory", "probes", "OOMs",
             "search", "baseline", "change")
@@ -55,3 +58,38 @@ def unused_lines(unused: dict[str, list[str]], *, removed: bool) -> list[str]:
     if not removed:
         lines.append("Re-run with pytest --autobatch --autobatch-update to remove unused entries.")
     return lines
+
+
+class ProgressLine:
+    """A live line while a search runs: rewritten in place on a terminal, whole lines with -v elsewhere.
+
+    ``terminal`` returns the reporter to write to (None: stay quiet); ``uncaptured`` suspends
+    output capturing while a line is written, so the line reaches the terminal.
+    """
+
+    def __init__(self, terminal: Callable[[], Any], uncaptured: Callable[[], AbstractContextManager[Any]],
+                 verbosity: int):
+        self._terminal = terminal
+        self._uncaptured = uncaptured
+        self._verbosity = verbosity
+        self._live = False
+
+    def show(self, text: str) -> None:
+        terminal = self._terminal()
+        if terminal is None:
+            return
+        with self._uncaptured():
+            if terminal.isatty():
+                if not self._live:
+                    terminal.ensure_newline()
+                terminal.rewrite(f"autobatch: {text}", erase=True)
+                self._live = True
+            elif self._verbosity > 0:
+                terminal.write_line(f"autobatch: {text}")
+
+    def end(self, text: str) -> None:
+        terminal = self._terminal()
+        if self._live and terminal is not None:
+            with self._uncaptured():
+                terminal.rewrite(f"autobatch: {text}", erase=True)
+        self._live = False

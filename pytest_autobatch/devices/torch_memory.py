@@ -15,16 +15,17 @@ from __future__ import annotations
 import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.nn.utils.stateless import _reparametrize_module
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .errors import OutOfMemory
-from .units import format_bytes
+from ..errors import OutOfMemory
+from ..units import format_bytes
 
 _SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
                  torch.ops.aten.is_nonzero.default)
@@ -69,6 +70,9 @@ class LiveMemory(TorchDispatchMode):
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to
 
+    def _forget_storage(self, key: int, _reference: object) -> None:
+        self._forget(key)
+
     def _forget(self, key: int) -> None:
         self.live_bytes -= self._sizes.pop(key, 0)
         self._refs.pop(key, None)
@@ -90,7 +94,7 @@ class LiveMemory(TorchDispatchMode):
             self._sizes[key] = size
             return
         self._sizes[key] = size
-        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._forget(key))
+        self._refs[key] = weakref.ref(storage, partial(self._forget_storage, key))
         self.live_bytes += size
 
     def reset_peak(self) -> None:
@@ -128,7 +132,7 @@ class LiveMemory(TorchDispatchMode):
             self._refuse(self.live_bytes, func)
         return result
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self.fake:
             tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]

@@ -1,0 +1,219 @@
+"""A search of a workload into a baseline entry, and a re-measurement of a stored entry.
+
+Plain functions over a Device and its Workload (``devices.base``): no pytest, no torch. The
+session calls ``record_entry`` when a baseline is missing or being updated, and ``remeasure``
+when one exists; what the re-measurement means is the gate's business (``gate.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+from .devices.base import Device, Workload, stable_hash
+from .errors import catch_oom
+from .search import OptimalBatchResult, find_max_batch, find_optimal_batch, predicted_max_batch
+from .stats import NOISY_SPREAD, median, summarize
+from .units import format_bytes
+
+DEFAULT_CAP = 8192
+#: The optimal batch is the smallest within this band of the best throughput.
+DEFAULT_OPTIMAL_BAND = 0.03
+
+#: Raw samples the gate wants on each side: with 15 against 15 the rank test stays significant for
+#: a real drop even when a few baseline samples are slow outliers.
+GATE_SAMPLES = 15
+#: At most this many measure() calls to gather GATE_SAMPLES (a device may give few per call);
+#: twice as many for twice the samples when they are noisy.
+GATE_MEASURE_CALLS = 4
+
+#: Recorded speedup target: this share of the measured speedup, never below 1.
+TARGET_SPEEDUP_SHARE = 0.8
+
+Progress = Callable[[str], None]
+_Result = TypeVar("_Result")
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@dataclass
+class _Recorder:
+    """Wraps a workload's probe and measure: reports progress, remembers every memory probe."""
+
+    workload: Workload
+    label: str
+    progress: Progress
+    peaks: dict[int, int | None] = field(default_factory=dict)   # None: out of memory
+    predicted: dict[int, int | None] = field(default_factory=dict)
+    probe_calls: int = 0
+
+    def probe(self, batch: int) -> int:
+        self.predicted[batch] = self.workload.predict_peak_bytes(batch)
+        self.progress(f"{self.label}: probing batch {batch}")
+        self.probe_calls += 1
+        peak = self._noting_oom(self.workload.probe, batch, "")
+        self.peaks[batch] = peak
+        self.progress(f"{self.label}: batch {batch} fits ({format_bytes(peak)})")
+        return peak
+
+    def peak_at(self, batch: int) -> int:
+        """Peak bytes at ``batch``, probing once more only when the search never ran it."""
+        peak = self.peaks.get(batch)
+        return self.probe(batch) if peak is None else peak
+
+    def measure(self, batch: int) -> list[float]:
+        self.progress(f"{self.label}: timing batch {batch}")
+        samples = self._noting_oom(self.workload.measure, batch, " while timing")
+        self.progress(f"{self.label}: batch {batch} runs {median(samples):,.1f} samples/s")
+        return samples
+
+    def _noting_oom(self, action: Callable[[int], _Result], batch: int, when: str) -> _Result:
+        """Run ``action(batch)``; an OOM is recorded against the batch (and re-raised for the search)."""
+        with catch_oom() as caught:
+            return action(batch)
+        self.peaks[batch] = None
+        self.progress(f"{self.label}: batch {batch} out of memory{when}")
+        assert caught.error is not None
+        raise caught.error
+
+
+def gate_samples(measure: Callable[[int], list[float]], batch: int) -> list[float]:
+    """Raw throughput samples at ``batch``: GATE_SAMPLES, or twice that when they are noisy.
+
+    With a spread (IQR/median) above NOISY_SPREAD a few slow outliers can take a quarter of 15
+    samples and hide a real drop from the rank test; 30 samples keep it significant.
+    """
+    collected: list[float] = []
+    for _ in range(2 * GATE_MEASURE_CALLS):
+        noisy = len(collected) >= GATE_SAMPLES and summarize(collected).spread > NOISY_SPREAD
+        if len(collected) >= (2 * GATE_SAMPLES if noisy else GATE_SAMPLES):
+            break
+        collected.extend(measure(batch))
+    return collected
+
+
+def _probe_rows(recorder: _Recorder, optimal: OptimalBatchResult) -> list[dict[str, Any]]:
+    """Memory probes and throughput measurements merged by batch, in batch order."""
+    rows: dict[int, dict[str, Any]] = {}
+    for batch, peak in recorder.peaks.items():
+        rows[batch] = {"batch": batch, "outcome": "ok" if peak is not None else "oom", "peak_bytes": peak,
+                       "predicted_bytes": recorder.predicted.get(batch), "throughput": None, "latency_s": None}
+    for batch, samples in optimal.measurements.items():
+        row = rows.setdefault(batch, {"batch": batch, "outcome": "ok", "peak_bytes": None,
+                                      "predicted_bytes": None})
+        row["throughput"] = median(samples)
+        row["latency_s"] = optimal.latency_s(batch)
+    return [rows[batch] for batch in sorted(rows)]
+
+
+def record_entry(device: Device, workload: Workload, *, model: str, cap: int | None = None,
+                 max_latency_s: float | None = None, band: float = DEFAULT_OPTIMAL_BAND,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Run the full search on ``workload`` and return its baseline entry (DESIGN.md format)."""
+    cap = DEFAULT_CAP if cap is None else cap
+    began = time.perf_counter()
+    recorder = _Recorder(workload, f"{model} on {device.name}", progress or _silent)
+    capacity = device.capacity_bytes()
+    predicted = predicted_max_batch(workload.predict_peak_bytes, capacity, cap) if capacity else None
+    start = None if predicted is None else max(1, predicted)
+    max_result = find_max_batch(recorder.probe, cap=cap, capacity_bytes=capacity, start=start)
+    optimal = find_optimal_batch(recorder.measure, max_batch=max_result.max_batch,
+                                 band=band, max_latency_s=max_latency_s)
+    max_batch = optimal.max_batch or max_result.max_batch  # lower when a batch ran out of memory while timed
+    batch1_samples = optimal.measurements.get(1) or recorder.measure(1)
+    peak_at_optimal = recorder.peak_at(optimal.optimal_batch)
+    peak_at_max = recorder.peak_at(max_batch)
+    # Fresh samples for the baseline: the sweep's samples at the optimal batch are the ones that
+    # won the comparison, biased high, and a re-measurement would read them as a regression.
+    samples = gate_samples(recorder.measure, optimal.optimal_batch)
+    throughput = median(samples)
+    speedup = throughput / median(batch1_samples)
+    fingerprint = workload.fingerprint()
+    entry: dict[str, Any] = {
+        "model": model,
+        "device": device.name,
+        "mode": fingerprint.get("mode", "inference"),
+        "model_fingerprint": fingerprint,
+        "model_fingerprint_hash": stable_hash(fingerprint),
+        "optimal_batch": optimal.optimal_batch,
+        "max_batch": max_batch,
+        "cap": cap,
+        "max_latency_s": max_latency_s,
+        "optimal_band": band,
+        "throughput": throughput,
+        "throughput_samples": samples,
+        "batch1_throughput": median(batch1_samples),
+        "batch1_throughput_samples": list(batch1_samples),
+        "speedup": speedup,
+        "peak_memory_bytes": peak_at_optimal,
+        "max_batch_peak_memory_bytes": peak_at_max,
+        "capacity_bytes": capacity,
+        "extras": workload.extras(optimal.optimal_batch),
+        "search": {"probes": recorder.probe_calls, "ooms": max_result.ooms + len(optimal.oom_batches),
+                   "measurements": len(optimal.measurements),
+                   "seconds": round(time.perf_counter() - began, 3)},
+        "probes": _probe_rows(recorder, optimal),
+        "targets": {"min_speedup": round(max(1.0, TARGET_SPEEDUP_SHARE * speedup), 2)},
+        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if max_latency_s is not None:
+        entry["targets"]["max_latency_s"] = max_latency_s
+    return entry
+
+
+@dataclass
+class Remeasurement:
+    """What a cached run measured at the stored batches; empty samples where a batch ran out of memory."""
+
+    throughput_samples: list[float]
+    batch1_throughput_samples: list[float]
+    peak_memory_bytes: int | None
+    oom_batches: list[int]
+    fingerprint: dict[str, Any]
+
+    @property
+    def throughput(self) -> float | None:
+        return median(self.throughput_samples) if self.throughput_samples else None
+
+    @property
+    def speedup(self) -> float:
+        """Throughput at the optimal batch over batch 1, both measured in this run."""
+        if not (self.throughput_samples and self.batch1_throughput_samples):
+            return 0.0
+        return median(self.throughput_samples) / median(self.batch1_throughput_samples)
+
+
+def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
+              progress: Progress | None = None) -> Remeasurement:
+    """Re-measure a stored entry: one probe at the maximum and at the optimal batch, then throughput
+    at the optimal batch and at batch 1.
+
+    The probes come first, as in the search: a process's first large allocations grow its heap, and
+    timing before them reads up to a quarter slower on the CPU than the recorded search did.
+    """
+    report = progress or _silent
+    label = f"{entry.get('model', '?')} on {device.name}"
+    optimal, maximum = entry["optimal_batch"], entry["max_batch"]
+    oom_batches: list[int] = []
+
+    def unless_oom(action: Callable[[], _Result], batch: int) -> _Result | None:
+        with catch_oom() as caught:
+            return action()
+        if batch not in oom_batches:
+            oom_batches.append(batch)
+        del caught
+        return None
+
+    report(f"{label}: checking the stored maximum batch {maximum}")
+    unless_oom(lambda: workload.probe(maximum), maximum)   # only whether it fits
+    peak = unless_oom(lambda: workload.probe(optimal), optimal)
+    report(f"{label}: re-measuring batch {optimal}")
+    samples = unless_oom(lambda: gate_samples(workload.measure, optimal), optimal) or []
+    batch1_samples = unless_oom(lambda: workload.measure(1), 1) or []
+    return Remeasurement(throughput_samples=samples, batch1_throughput_samples=batch1_samples,
+                         peak_memory_bytes=peak, oom_batches=oom_batches,
+                         fingerprint=workload.fingerprint())
