@@ -23,9 +23,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from pytest_autobatch.runner import remeasure, search_workload
-
 from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
+from pytest_autobatch.gate import Verdict, check_entry
+from pytest_autobatch.record import record_entry, remeasure
 
 RERUNS = 20
 MODELS = (
@@ -40,12 +40,12 @@ MODELS = (
 
 def record(model: SimulatedModel, seed: int, noise: float) -> dict:
     device = simulated_device("sim:h100", seed=seed, timing_noise=noise)
-    return search_workload(device, device.workload(model), model=model.name)
+    return record_entry(device, device.workload(model), model=model.name)
 
 
-def rerun(model: SimulatedModel, entry: dict, seed: int, drop: float, noise: float):
+def rerun(model: SimulatedModel, entry: dict, seed: int, drop: float, noise: float) -> Verdict:
     device = simulated_device("sim:h100", seed=seed, slowdown=1 / (1 - drop), timing_noise=noise)
-    return remeasure(device, device.workload(model), entry)
+    return check_entry(entry, remeasure(device, device.workload(model), entry), hardware=device.name)
 
 
 def gate_figures() -> None:

@@ -14,7 +14,13 @@ An option given on the command line or in the ini file wins; GPUs keep the plugi
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The zoo builds every model from its config: no model hub is ever asked.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CPU_DEFAULTS = {"autobatch_memory_budget": "1GiB", "autobatch_tolerance": "25%"}
 

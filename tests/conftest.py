@@ -1,6 +1,12 @@
 """Fixtures shared by the test modules."""
 
+import os
+
 import pytest
+
+# Model libraries build from configs here and must never try a model hub.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
