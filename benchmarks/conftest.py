@@ -1,13 +1,11 @@
 """Settings of the main job (``pytest --autobatch benchmarks/``) when it runs on the CPU.
 
-- A 1 GiB memory budget. The CPU device's default budget, a quarter of RAM, is far more than the
-  CPU-sized zoo models use below their caps, so every maximum safe batch would be the cap. Under
-  1 GiB the training step runs into the budget as it would into GPU memory, and the search finds
-  its maximum by memory, with the OOM handling that goes with it.
-- A 25% throughput tolerance for the gate. A shared virtual CPU drifts between runs far more than
-  a GPU: on the 2-core VM these baselines were recorded on, ResNet-50 at batch 32 measured
-  470 samples/s in one run and 280-345 samples/s a few minutes later, with nothing else running
-  in the VM.
+A 1 GiB memory budget. The CPU device's default budget, a quarter of RAM, is far more than the
+CPU-sized zoo models use below their caps, so every maximum safe batch would be the cap. Under
+1 GiB the training step runs into the budget as it would into GPU memory, and the search finds its
+maximum by memory, with the OOM handling that goes with it. The throughput tolerance is the
+plugin's default: the gate judges throughput relative to a reference workload timed beside the
+model, so a slower or faster host of the same kind passes, and a busy one is named, not judged.
 
 An option given on the command line or in the ini file wins; GPUs keep the plugin's defaults.
 """
@@ -22,7 +20,7 @@ import pytest
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CPU_DEFAULTS = {"autobatch_memory_budget": "1GiB", "autobatch_tolerance": "25%"}
+CPU_BUDGET = "1GiB"
 
 
 def _option(config: pytest.Config, name: str) -> object:
@@ -45,8 +43,6 @@ def pytest_configure(config: pytest.Config) -> None:
     """Runs before pytest-autobatch reads its options (tryfirst), so the defaults reach it."""
     if not _option(config, "autobatch") or not _searches_on_cpu(config):
         return
-    from pytest_autobatch.units import parse_fraction, parse_size
-    parsers = {"autobatch_memory_budget": parse_size, "autobatch_tolerance": parse_fraction}
-    for name, value in CPU_DEFAULTS.items():
-        if _option(config, name) is None:
-            setattr(config.option, name, parsers[name](value))
+    from pytest_autobatch.units import parse_size
+    if _option(config, "autobatch_memory_budget") is None:
+        config.option.autobatch_memory_budget = parse_size(CPU_BUDGET)

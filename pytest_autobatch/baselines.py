@@ -154,6 +154,10 @@ class BaselineStore:
     def get(self, key: str) -> dict[str, Any] | None:
         return self.entries(module_key(split_entry_key(key)[0])).get(key)
 
+    def recorded_hardware(self, key: str) -> dict[str, Any]:
+        """The hardware block stored beside ``key``'s entry."""
+        return dict(self.read(module_key(split_entry_key(key)[0])).get("hardware") or {})
+
     def put(self, key: str, entry: dict[str, Any]) -> Path:
         """Store one entry, keeping every other entry of its file (also those of other workers)."""
         return self._update(module_key(split_entry_key(key)[0]), {key: entry}, ())

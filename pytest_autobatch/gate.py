@@ -3,36 +3,49 @@
 A pure function of the stored entry, the new figures and the settings: no device, no pytest.
 Findings that ``failed`` fail the test (throughput regression, OOM at a stored batch, memory
 regression); the others are notes shown under the summary (improvement, model changed, settings
-changed, noisy).
+changed, hardware changed, noisy, recorded unsteady) or, for ``inconclusive`` (the machine was too
+busy to judge throughput), whatever --autobatch-inconclusive says.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from .devices.base import stable_hash
 from .errors import ConfigError
 from .record import Remeasurement
-from .stats import compare_throughput
+from .stats import compare_throughput, median, summarize
 from .units import format_bytes
 
 DEFAULT_THROUGHPUT_TOLERANCE = 0.10
 DEFAULT_MEMORY_TOLERANCE = 0.10
 #: Relative change of the device's available memory worth a note next to the gate's findings.
 CAPACITY_CHANGE = 0.05
+_MEMORY_NEXT_STEP = ("If the model is meant to need more memory, re-record with pytest --autobatch "
+                     "--autobatch-update; otherwise find what grew, or what else holds device memory")
+#: Spread (IQR/median) of the reference's rates above which the machine's speed moved too much
+#: during a measurement to judge the model by it (quiet VMs: up to 0.2; contended: 0.3 to 3).
+MAX_REFERENCE_SPREAD = 0.25
 
 
 @dataclass(frozen=True)
 class Finding:
     """One outcome of the gate. ``failed`` findings fail the test; the others are reported."""
 
-    kind: str  # throughput_regression, oom, memory_regression, improvement, model_changed, noisy, settings_changed
+    kind: str  # throughput_regression, oom, memory_regression, inconclusive, improvement, noisy, model_changed,
+    #            settings_changed, hardware_changed, recorded_unsteady
     message: str
     failed: bool
+    next_step: str = ""  # what to do about it: the last words of the text
+
+    @property
+    def text(self) -> str:
+        return f"{self.message}. {self.next_step}" if self.next_step else self.message
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"kind": self.kind, "message": self.text, "failed": self.failed}
 
 
 def _fingerprint_note(entry: dict[str, Any], fingerprint: dict[str, Any]) -> str | None:
@@ -47,14 +60,25 @@ def _fingerprint_note(entry: dict[str, Any], fingerprint: dict[str, Any]) -> str
 
 @dataclass
 class Verdict:
-    """The gate's findings for one re-measurement, and the relative throughput change (None: not timed)."""
+    """The gate's findings for one re-measurement.
+
+    ``change``: the throughput change the verdict went by (relative to the reference workload
+    when both sides timed it, else raw); ``raw_change``: samples/s against samples/s;
+    ``machine_speed``: this machine's reference rate over the recording's. None: not measured.
+    """
 
     findings: list[Finding]
-    change: float | None
+    change: float | None = None
+    raw_change: float | None = None
+    machine_speed: float | None = None
 
     @property
     def failed(self) -> bool:
         return any(finding.failed for finding in self.findings)
+
+    @property
+    def inconclusive(self) -> bool:
+        return any(finding.kind == "inconclusive" for finding in self.findings)
 
 
 def check_entry(entry: dict[str, Any], now: Remeasurement, *, hardware: str,
@@ -65,18 +89,18 @@ def check_entry(entry: dict[str, Any], now: Remeasurement, *, hardware: str,
         raise ConfigError(f"memory tolerance must be a fraction such as 0.1, got {memory_tolerance!r}")
     who = f"{entry.get('model', '?')} on {hardware}"
     findings = _oom_findings(entry, now.oom_batches, who)
-    change = None
+    throughput = Verdict([])
     if now.throughput_samples:
-        change, finding = _throughput_finding(entry, now.throughput_samples, who, tolerance)
-        findings += [finding] if finding is not None else []
+        throughput = _throughput_verdict(entry, now, who, tolerance)
+        findings += throughput.findings
     findings += _memory_findings(entry, now.peak_memory_bytes, who, memory_tolerance)
     note = _fingerprint_note(entry, now.fingerprint)
     if note:
-        findings = [Finding(f.kind, f"{f.message}. Note: {note}", f.failed) if f.failed else f
+        findings = [Finding(f.kind, f"{f.message}. Note: {note}", f.failed, f.next_step) if f.failed else f
                     for f in findings]
         findings.append(Finding("model_changed", f"{who}: {note}; if intended, re-record with "
                                 "pytest --autobatch --autobatch-update", False))
-    return Verdict(findings, change)
+    return Verdict(findings, throughput.change, throughput.raw_change, throughput.machine_speed)
 
 
 def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str) -> list[Finding]:
@@ -88,28 +112,102 @@ def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str) -> li
         where = f"the stored {which} batch {batch} (recorded peak {format_bytes(recorded)})" if which \
             else f"batch {batch}"
         findings.append(Finding("oom", f"{who}: out of memory at {where}; the model now needs more "
-                                "memory or the device has less free", True))
+                                "memory or the device has less free", True, _MEMORY_NEXT_STEP))
     return findings
 
 
-def _throughput_finding(entry: dict[str, Any], samples: list[float], who: str,
-                        tolerance: float) -> tuple[float, Finding | None]:
-    comparison = compare_throughput(entry["throughput_samples"], samples, tolerance)
-    change = comparison.change
-    figures = (f"{comparison.baseline.median:,.1f} -> {comparison.current.median:,.1f} samples/s "
-               f"at batch {entry['optimal_batch']} ({change:+.1%}, tolerance {tolerance:.0%}, Mann-Whitney "
-               f"p={comparison.p_value:.2g}, {comparison.baseline.count} vs "
-               f"{comparison.current.count} samples)")
-    if comparison.verdict == "regression":
-        return change, Finding("throughput_regression", f"{who}: throughput regression: {figures}", True)
-    if comparison.verdict == "improvement":
-        return change, Finding("improvement", f"{who}: throughput improved: {figures}; record it "
-                               "with pytest --autobatch --autobatch-update", False)
-    if comparison.noisy:
+def _stored_reference(entry: dict[str, Any], now: Remeasurement) -> tuple[list[float] | None, str]:
+    """The entry's reference samples when they can be compared with this run's, else why not."""
+    stored = entry.get("reference_samples")
+    if stored is None:
+        return None, ("the baseline has no reference samples (recorded by an older pytest-autobatch); "
+                      "re-record it with pytest --autobatch --autobatch-update to judge relative to the machine")
+    if (not isinstance(stored, list) or len(stored) != len(entry["throughput_samples"])
+            or not all(_positive_number(value) for value in stored)):
+        return None, ("the baseline's reference_samples are corrupt (they must be one positive number per "
+                      "throughput sample); re-record it with pytest --autobatch --autobatch-update")
+    if not now.reference_samples:
+        return None, "no reference was timed in this run"
+    if entry.get("reference") != now.reference_kind:
+        return None, (f"the baseline timed another reference ({entry.get('reference')}, now "
+                      f"{now.reference_kind}); re-record it with pytest --autobatch --autobatch-update")
+    return [float(value) for value in stored], ""
+
+
+def _positive_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def _machine_speed(speed: float) -> str:
+    if abs(speed - 1) < 0.03:
+        return f"this machine runs the reference as fast as the recording machine ({speed:.2f}x)"
+    if speed < 1:
+        return f"this machine runs the reference {1 / speed:.2f}x slower than the recording machine"
+    return f"this machine runs the reference {speed:.2f}x faster than the recording machine"
+
+
+def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tolerance: float) -> Verdict:
+    """The throughput verdict, relative to the reference workload timed beside the model.
+
+    Pair by pair, the model's throughput over the reference's rate cancels what slows both (a
+    slower host, lower clocks); the rank test runs on those ratios. Without usable reference
+    samples the raw samples are compared, and the message says why. When the OS or the
+    reference's own spread says the timings cannot be trusted, the verdict is inconclusive.
+    """
+    batch = entry["optimal_batch"]
+    raw = compare_throughput(entry["throughput_samples"], now.throughput_samples, tolerance)
+    raw_figures = (f"{raw.baseline.median:,.1f} -> {raw.current.median:,.1f} samples/s at batch {batch} "
+                   f"({raw.change:+.1%} raw")
+    stored_reference, why_raw = _stored_reference(entry, now)
+    speed = None
+    if stored_reference is None:
+        comparison, figures = raw, (f"{raw_figures}, tolerance {tolerance:.0%}, Mann-Whitney p={raw.p_value:.2g}, "
+                                    f"{raw.baseline.count} vs {raw.current.count} samples; judged on raw "
+                                    f"throughput: {why_raw})")
+        unsteady = list(now.unsteady)
+    else:
+        relative = compare_throughput(_ratios(entry["throughput_samples"], stored_reference),
+                                      _ratios(now.throughput_samples, now.reference_samples), tolerance)
+        speed = median(now.reference_samples) / median(stored_reference)
+        comparison = relative
+        figures = (f"{raw_figures}; {relative.change:+.1%} relative to the reference, tolerance {tolerance:.0%}, "
+                   f"Mann-Whitney p={relative.p_value:.2g}, {relative.baseline.count} vs "
+                   f"{relative.current.count} pairs; {_machine_speed(speed)})")
+        unsteady = list(now.unsteady) + _reference_unsteady(stored_reference, now.reference_samples)
+    if unsteady:
+        finding = Finding(
+            "inconclusive", f"{who}: throughput inconclusive: {'; '.join(unsteady)}. Measured {figures}. "
+            "Run the gate on a quiet machine, or choose --autobatch-inconclusive=retry or fail", False)
+    elif comparison.verdict == "regression":
+        finding = Finding(
+            "throughput_regression", f"{who}: throughput regression: {figures}", True,
+            "If the slowdown is intended, re-record with pytest --autobatch --autobatch-update; if this "
+            "machine differs from the recording one, record its own baselines there or point "
+            "--autobatch-baselines at them")
+    elif comparison.verdict == "improvement":
+        finding = Finding("improvement", f"{who}: throughput improved: {figures}; record it with pytest "
+                          "--autobatch --autobatch-update", False)
+    elif comparison.noisy:
         spread = max(comparison.baseline.spread, comparison.current.spread)
-        return change, Finding("noisy", f"{who}: noisy measurements (IQR/median {spread:.0%}): {figures}",
-                               False)
-    return change, None
+        finding = Finding("noisy", f"{who}: noisy measurements (IQR/median {spread:.0%}): {figures}", False)
+    else:
+        return Verdict([], comparison.change, raw.change, speed)
+    return Verdict([finding], comparison.change, raw.change, speed)
+
+
+def _ratios(samples: list[float], reference: list[float]) -> list[float]:
+    return [model / rate for model, rate in zip(samples, reference)]
+
+
+def _reference_unsteady(stored: list[float], now: list[float]) -> list[str]:
+    """The reference's own samples moving: the machine's speed changed during the measurement."""
+    found = []
+    for when, samples in (("this run", now), ("the recording", stored)):
+        spread = summarize(samples).spread
+        if spread > MAX_REFERENCE_SPREAD:
+            found.append(f"the reference's speed varied by {spread:.0%} (IQR/median) during {when}")
+    return found
 
 
 def _memory_findings(entry: dict[str, Any], peak: int | None, who: str,
@@ -121,7 +219,7 @@ def _memory_findings(entry: dict[str, Any], peak: int | None, who: str,
     figures = (f"{format_bytes(stored_peak)} -> {format_bytes(peak)} at batch {entry['optimal_batch']} "
                f"({growth:+.1%}, tolerance {memory_tolerance:.0%})")
     if growth > memory_tolerance:
-        return [Finding("memory_regression", f"{who}: peak memory regression: {figures}", True)]
+        return [Finding("memory_regression", f"{who}: peak memory regression: {figures}", True, _MEMORY_NEXT_STEP)]
     if growth < -memory_tolerance:
         return [Finding("improvement", f"{who}: peak memory dropped: {figures}; a larger batch may "
                         "fit, search again with pytest --autobatch --autobatch-update", False)]
@@ -145,3 +243,36 @@ def settings_note(key: str, entry: dict[str, Any], *, asked: dict[str, Any],
     return Finding("settings_changed", f"{key}: the search settings changed since the baseline was "
                    f"recorded ({', '.join(changed)}); re-search with pytest --autobatch --autobatch-update",
                    False)
+
+
+#: Hardware fields outside the hardware key that change speed: a difference is reported beside the
+#: verdict (the key itself holds the CPU model and ISA level, or the GPU model and memory).
+NOTED_HARDWARE = ("cpus", "torch_threads", "torch", "driver", "cuda", "power_limit_w", "max_clocks_mhz",
+                  "mig", "ecc")
+
+
+def hardware_note(key: str, recorded: dict[str, Any], current: dict[str, Any]) -> Finding | None:
+    """A note naming the speed-relevant hardware fields that differ from the recording's."""
+    changed = [f"{name} {recorded.get(name)!r} -> {current.get(name)!r}" for name in NOTED_HARDWARE
+               if name in recorded and recorded.get(name) != current.get(name)]
+    if not changed:
+        return None
+    return Finding("hardware_changed", f"{key}: this machine differs from the one that recorded the baseline "
+                   f"({', '.join(changed)}); its timings are judged relative to the reference workload", False)
+
+
+def recorded_unsteady_note(key: str, entry: dict[str, Any]) -> Finding | None:
+    """A note when the baseline itself was measured on a busy machine."""
+    reasons = entry.get("unsteady")
+    if not reasons:
+        return None
+    return Finding("recorded_unsteady", f"{key}: the baseline was recorded while the machine was busy "
+                   f"({'; '.join(map(str, reasons))}); its throughput may be off: re-record it on a quiet "
+                   "machine with pytest --autobatch --autobatch-update", False)
+
+
+def inconclusive_as_failure(verdict: Verdict) -> Verdict:
+    """--autobatch-inconclusive=fail: an inconclusive throughput verdict fails the test."""
+    findings = [Finding(f.kind, f.message, True, f.next_step) if f.kind == "inconclusive" else f
+                for f in verdict.findings]
+    return Verdict(findings, verdict.change, verdict.raw_change, verdict.machine_speed)

@@ -56,6 +56,19 @@ def parse_size(text: str) -> int:
     return parse(text)
 
 
+INCONCLUSIVE_POLICIES = ("warn", "retry", "fail")
+
+
+def parse_inconclusive(text: str) -> str:
+    """What an inconclusive throughput verdict does: warn (report it), retry (measure again after a
+    pause, then warn), fail (fail the test)."""
+    from .errors import ConfigError
+    value = str(text).strip().lower()
+    if value not in INCONCLUSIVE_POLICIES:
+        raise ConfigError(f"{text!r} is not a choice: use {', '.join(INCONCLUSIVE_POLICIES)}")
+    return value
+
+
 # (flag, dest == ini name, parse or None for a flag, default, help)
 _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
     ("--autobatch", "autobatch", None, False,
@@ -74,11 +87,15 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
      "fail a benchmark test whose baseline is missing instead of recording it"),
     ("--autobatch-memory-budget", "autobatch_memory_budget", parse_size, None,
      "memory the cpu device may use, e.g. 8GiB (default: a share of RAM)"),
+    ("--autobatch-inconclusive", "autobatch_inconclusive", parse_inconclusive, "warn",
+     "when the machine is too busy to judge throughput: warn (default; the verdict is shown, the "
+     "test passes), retry (measure again after a pause, then warn) or fail"),
     ("--autobatch-report", "autobatch_report", str, None,
      "at the end of the session, write the Markdown report and PNG plots of the baselines to DIR"),
 )
 
-_METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_size: "SIZE"}
+_METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_size: "SIZE",
+             parse_inconclusive: "{warn,retry,fail}"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -125,7 +142,8 @@ def _settings(config: pytest.Config) -> Settings | None:
                     update=values["autobatch_update"], strict=values["autobatch_strict"],
                     tolerance=values["autobatch_tolerance"],
                     memory_tolerance=values["autobatch_memory_tolerance"],
-                    memory_budget=values["autobatch_memory_budget"])
+                    memory_budget=values["autobatch_memory_budget"],
+                    inconclusive=values["autobatch_inconclusive"])
 
 
 class AutobatchState:
@@ -163,7 +181,8 @@ class AutobatchState:
         return self._record
 
     def _terminal(self) -> Any:
-        if self.is_worker or self.config.get_verbosity() < 0:
+        """The terminal to show progress on: none on an xdist worker (its output is not a terminal)."""
+        if self.is_worker:
             return None
         return self.config.pluginmanager.get_plugin("terminalreporter")
 
@@ -297,8 +316,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return []
     modes = [name for name, on in (("update", settings.update), ("strict", settings.strict)) if on]
     return [f"autobatch: device {settings.device}, baselines {settings.baselines}, throughput "
-            f"tolerance {settings.tolerance:.0%}, memory tolerance {settings.memory_tolerance:.0%}"
-            + (f", {' '.join(modes)}" if modes else "")]
+            f"tolerance {settings.tolerance:.0%}, memory tolerance {settings.memory_tolerance:.0%}, "
+            f"inconclusive: {settings.inconclusive}" + (f", {' '.join(modes)}" if modes else "")]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -371,7 +390,21 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(line)
     for line in unused_lines(state.record.unused, removed=state.record.unused_removed):
         terminalreporter.write_line(line, yellow=True)
+    _write_step_summary(terminalreporter, state)
     _write_report(terminalreporter, config, state)
+
+
+def _write_step_summary(terminalreporter: Any, state: AutobatchState) -> None:
+    """On GitHub Actions ($GITHUB_STEP_SUMMARY), this run's verdicts as Markdown on the run's page."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path or not state.record.results:
+        return
+    from .report.markdown import run_lines
+    try:
+        with open(path, "a", encoding="utf-8") as summary:
+            summary.write("\n".join(run_lines(list(state.record.results.values()))) + "\n")
+    except OSError as exc:
+        terminalreporter.write_line(f"autobatch: could not write $GITHUB_STEP_SUMMARY ({path}): {exc}", red=True)
 
 
 def _write_report(terminalreporter: Any, config: pytest.Config, state: AutobatchState) -> None:
@@ -382,7 +415,8 @@ def _write_report(terminalreporter: Any, config: pytest.Config, state: Autobatch
     from .errors import AutobatchError
     from .report.markdown import write_report
     try:
-        path = write_report(state.settings.baselines, config.invocation_params.dir / out_dir)
+        path = write_report(state.settings.baselines, config.invocation_params.dir / out_dir,
+                            run=list(state.record.results.values()))
     except AutobatchError as exc:
         terminalreporter.write_line(f"autobatch report not written: {exc}", red=True)
         return

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
-from .devices.base import Device, Workload, stable_hash
+from .devices.base import Device, PairedSamples, Workload, stable_hash
 from .errors import catch_oom
 from .search import OptimalBatchResult, find_max_batch, find_optimal_batch, predicted_max_batch
 from .stats import NOISY_SPREAD, median, summarize
@@ -28,6 +28,11 @@ GATE_SAMPLES = 15
 #: At most this many measure() calls to gather GATE_SAMPLES (a device may give few per call);
 #: twice as many for twice the samples when they are noisy.
 GATE_MEASURE_CALLS = 4
+
+#: Gate samples are measured this many times at most while the OS says the machine is busy, with
+#: this pause between tries: a neighbour's burst often passes within seconds.
+STEADY_ATTEMPTS = 3
+STEADY_PAUSE_S = 5.0
 
 #: Recorded speedup target: this share of the measured speedup, never below 1.
 TARGET_SPEEDUP_SHARE = 0.8
@@ -81,19 +86,49 @@ class _Recorder:
         raise caught.error
 
 
-def gate_samples(measure: Callable[[int], list[float]], batch: int) -> list[float]:
-    """Raw throughput samples at ``batch``: GATE_SAMPLES, or twice that when they are noisy.
+@dataclass
+class GateSamples:
+    """Paired samples at one batch for the gate: the model's throughput and, beside each, the
+    reference workload's rate; why the OS says they cannot be trusted (empty: steady)."""
+
+    model: list[float] = field(default_factory=list)
+    reference: list[float] = field(default_factory=list)
+    unsteady: list[str] = field(default_factory=list)
+    reference_kind: dict[str, Any] = field(default_factory=dict)
+
+
+def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> GateSamples:
+    """Paired samples at ``batch``: GATE_SAMPLES, or twice that when they are noisy.
 
     With a spread (IQR/median) above NOISY_SPREAD a few slow outliers can take a quarter of 15
     samples and hide a real drop from the rank test; 30 samples keep it significant.
     """
-    collected: list[float] = []
+    collected = GateSamples()
     for _ in range(2 * GATE_MEASURE_CALLS):
-        noisy = len(collected) >= GATE_SAMPLES and summarize(collected).spread > NOISY_SPREAD
-        if len(collected) >= (2 * GATE_SAMPLES if noisy else GATE_SAMPLES):
+        model = collected.model
+        noisy = len(model) >= GATE_SAMPLES and summarize(model).spread > NOISY_SPREAD
+        if len(model) >= (2 * GATE_SAMPLES if noisy else GATE_SAMPLES):
             break
-        collected.extend(measure(batch))
+        paired = measure_paired(batch)
+        collected.model.extend(paired.model)
+        collected.reference.extend(paired.reference)
+        collected.unsteady.extend(reason for reason in paired.unsteady if reason not in collected.unsteady)
+        collected.reference_kind = paired.reference_kind
     return collected
+
+
+def steady_gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int, *, attempts: int,
+                        pause_s: float, progress: Progress) -> GateSamples:
+    """Gate samples, measured again after a pause (up to ``attempts`` times in all) while the OS
+    says the machine was busy; the last attempt's samples, reasons included, when it stays busy."""
+    samples = gate_samples(measure_paired, batch)
+    for _ in range(attempts - 1):
+        if not samples.unsteady:
+            break
+        progress(f"unsteady timing ({'; '.join(samples.unsteady)}): measuring again in {pause_s:.0f} s")
+        time.sleep(pause_s)
+        samples = gate_samples(measure_paired, batch)
+    return samples
 
 
 def _probe_rows(recorder: _Recorder, optimal: OptimalBatchResult) -> list[dict[str, Any]]:
@@ -112,8 +147,13 @@ def _probe_rows(recorder: _Recorder, optimal: OptimalBatchResult) -> list[dict[s
 
 def record_entry(device: Device, workload: Workload, *, model: str, cap: int | None = None,
                  max_latency_s: float | None = None, band: float = DEFAULT_OPTIMAL_BAND,
-                 progress: Progress | None = None) -> dict[str, Any]:
-    """Run the full search on ``workload`` and return its baseline entry (DESIGN.md format)."""
+                 progress: Progress | None = None, steady_pause_s: float = STEADY_PAUSE_S) -> dict[str, Any]:
+    """Run the full search on ``workload`` and return its baseline entry (DESIGN.md format).
+
+    The samples stored for the gate are measured while the machine is steady, waiting and trying
+    again while it is not; an entry that could only be measured on a busy machine says so in
+    ``unsteady`` (the session reports it), rather than passing for a normal baseline.
+    """
     cap = DEFAULT_CAP if cap is None else cap
     began = time.perf_counter()
     recorder = _Recorder(workload, f"{model} on {device.name}", progress or _silent)
@@ -129,7 +169,10 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     peak_at_max = recorder.peak_at(max_batch)
     # Fresh samples for the baseline: the sweep's samples at the optimal batch are the ones that
     # won the comparison, biased high, and a re-measurement would read them as a regression.
-    samples = gate_samples(recorder.measure, optimal.optimal_batch)
+    recorder.progress(f"{recorder.label}: timing batch {optimal.optimal_batch} beside the reference")
+    gate = steady_gate_samples(workload.measure_paired, optimal.optimal_batch, attempts=STEADY_ATTEMPTS,
+                               pause_s=steady_pause_s, progress=recorder.progress)
+    samples = gate.model
     throughput = median(samples)
     speedup = throughput / median(batch1_samples)
     fingerprint = workload.fingerprint()
@@ -146,6 +189,8 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
         "optimal_band": band,
         "throughput": throughput,
         "throughput_samples": samples,
+        "reference_samples": gate.reference,
+        "reference": gate.reference_kind,
         "batch1_throughput": median(batch1_samples),
         "batch1_throughput_samples": list(batch1_samples),
         "speedup": speedup,
@@ -162,6 +207,8 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     }
     if max_latency_s is not None:
         entry["targets"]["max_latency_s"] = max_latency_s
+    if gate.unsteady:
+        entry["unsteady"] = gate.unsteady
     return entry
 
 
@@ -174,6 +221,9 @@ class Remeasurement:
     peak_memory_bytes: int | None
     oom_batches: list[int]
     fingerprint: dict[str, Any]
+    reference_samples: list[float] = field(default_factory=list)
+    reference_kind: dict[str, Any] = field(default_factory=dict)
+    unsteady: list[str] = field(default_factory=list)
 
     @property
     def throughput(self) -> float | None:
@@ -188,7 +238,8 @@ class Remeasurement:
 
 
 def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
-              progress: Progress | None = None) -> Remeasurement:
+              progress: Progress | None = None, attempts: int = 1,
+              steady_pause_s: float = STEADY_PAUSE_S) -> Remeasurement:
     """Re-measure a stored entry: one probe at the maximum and at the optimal batch, then throughput
     at the optimal batch and at batch 1.
 
@@ -212,8 +263,11 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     unless_oom(lambda: workload.probe(maximum), maximum)   # only whether it fits
     peak = unless_oom(lambda: workload.probe(optimal), optimal)
     report(f"{label}: re-measuring batch {optimal}")
-    samples = unless_oom(lambda: gate_samples(workload.measure, optimal), optimal) or []
+    gate = unless_oom(lambda: steady_gate_samples(workload.measure_paired, optimal, attempts=attempts,
+                                                  pause_s=steady_pause_s, progress=report), optimal)
+    gate = gate or GateSamples()
     batch1_samples = unless_oom(lambda: workload.measure(1), 1) or []
-    return Remeasurement(throughput_samples=samples, batch1_throughput_samples=batch1_samples,
-                         peak_memory_bytes=peak, oom_batches=oom_batches,
-                         fingerprint=workload.fingerprint())
+    return Remeasurement(throughput_samples=gate.model, batch1_throughput_samples=batch1_samples,
+                         peak_memory_bytes=peak, oom_batches=oom_batches, fingerprint=workload.fingerprint(),
+                         reference_samples=gate.reference, reference_kind=gate.reference_kind,
+                         unsteady=gate.unsteady)

@@ -10,6 +10,7 @@ collected and finished, for syrupy-style detection of unused baseline entries.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,8 +18,18 @@ from typing import Any, Callable
 from .baselines import BaselineStore, entry_key, module_key, split_entry_key
 from .devices.base import Device, Workload
 from .errors import BaselineError, ConfigError
-from .gate import DEFAULT_MEMORY_TOLERANCE, DEFAULT_THROUGHPUT_TOLERANCE, Finding, check_entry, settings_note
-from .record import DEFAULT_CAP, Progress, record_entry, remeasure
+from .gate import (
+    DEFAULT_MEMORY_TOLERANCE,
+    DEFAULT_THROUGHPUT_TOLERANCE,
+    Finding,
+    Verdict,
+    check_entry,
+    hardware_note,
+    inconclusive_as_failure,
+    recorded_unsteady_note,
+    settings_note,
+)
+from .record import DEFAULT_CAP, STEADY_ATTEMPTS, STEADY_PAUSE_S, Progress, Remeasurement, record_entry, remeasure
 from .stats import speedup_below
 
 
@@ -33,6 +44,8 @@ class Settings:
     tolerance: float = DEFAULT_THROUGHPUT_TOLERANCE
     memory_tolerance: float = DEFAULT_MEMORY_TOLERANCE
     memory_budget: int | None = None
+    inconclusive: str = "warn"
+    steady_pause_s: float = STEADY_PAUSE_S
 
 
 @dataclass
@@ -40,8 +53,10 @@ class BatchResult:
     """What ``optimal_batch(...)`` returns: the figures of this run and the entry behind them.
 
     ``probes``/``ooms``/``search_seconds`` count searching done in this session (0 when served from
-    a baseline); ``status`` is "new", "updated" or "cached"; ``change`` is the relative throughput
-    change against the baseline (None without one).
+    a baseline); ``status`` is "new", "updated" or "cached"; ``change`` is the throughput change
+    the gate went by (relative to the reference workload when both sides timed it), ``raw_change``
+    samples/s against samples/s, ``machine_speed`` this machine's reference rate over the
+    recording machine's (each None without a baseline to compare with).
     """
 
     key: str
@@ -60,6 +75,8 @@ class BatchResult:
     entry: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
     change: float | None = None
+    raw_change: float | None = None
+    machine_speed: float | None = None
     baseline_path: str = ""
     throughput_samples: list[float] = field(default_factory=list)
     batch1_throughput_samples: list[float] = field(default_factory=list)
@@ -77,8 +94,17 @@ class BatchResult:
     def failed(self) -> bool:
         return any(finding.failed for finding in self.findings)
 
+    @property
+    def verdict(self) -> str:
+        """failed, inconclusive, passed (re-measured), or new / updated (recorded)."""
+        if self.failed:
+            return "failed"
+        if any(finding.kind == "inconclusive" for finding in self.findings):
+            return "inconclusive"
+        return "passed" if self.cached else self.status
+
     def failure_message(self) -> str:
-        return "\n".join(finding.message for finding in self.findings if finding.failed)
+        return "\n".join(finding.text for finding in self.findings if finding.failed)
 
     def missed_targets(self, *, min_speedup: float | None = None, max_latency_s: float | None = None,
                        min_throughput: float | None = None, max_memory_bytes: int | None = None) -> str | None:
@@ -130,6 +156,8 @@ class BatchResult:
                 "max_batch": self.max_batch, "throughput": self.throughput, "speedup": self.speedup,
                 "peak_memory_bytes": self.peak_memory_bytes, "probes": self.probes, "ooms": self.ooms,
                 "search_seconds": self.search_seconds, "status": self.status, "change": self.change,
+                "raw_change": self.raw_change, "machine_speed": self.machine_speed,
+                "stored_throughput": self.entry.get("throughput"), "verdict": self.verdict,
                 "failed": self.failed, "findings": [finding.as_dict() for finding in self.findings],
                 "baseline_path": self.baseline_path}
 
@@ -226,14 +254,17 @@ class AutobatchSession:
                 # another worker recorded it meanwhile
                 return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s)
             entry = record_entry(self.device, workload, model=split_entry_key(key)[1], cap=cap,
-                                 max_latency_s=max_latency_s, progress=self.progress)
+                                 max_latency_s=max_latency_s, progress=self.progress,
+                                 steady_pause_s=self.settings.steady_pause_s)
             store.put(key, entry)
         search = entry["search"]
+        unsteady = recorded_unsteady_note(key, entry)
         return self._batch_result(
             key, entry, status="updated" if previous is not None else "new",
             throughput=entry["throughput"], speedup=entry["speedup"],
             peak_memory_bytes=entry["peak_memory_bytes"], probes=search["probes"], ooms=search["ooms"],
             search_seconds=search["seconds"], change=_throughput_change(previous, entry),
+            findings=[unsteady] if unsteady is not None else [],
             throughput_samples=entry["throughput_samples"],
             batch1_throughput_samples=entry["batch1_throughput_samples"])
 
@@ -245,22 +276,38 @@ class AutobatchSession:
                                 f"{', '.join(broken) or 'throughput_samples'}; it was left untouched: "
                                 "re-record it with pytest --autobatch --autobatch-update")
         device = self.device
-        now = remeasure(device, workload, entry, progress=self.progress)
-        verdict = check_entry(entry, now, hardware=device.hardware().get("name") or device.name,
-                              tolerance=self.settings.tolerance,
-                              memory_tolerance=self.settings.memory_tolerance)
+        now, verdict = self._judge(workload, entry)
         findings = verdict.findings
-        note = settings_note(key, entry, asked={"cap": DEFAULT_CAP if cap is None else cap,
-                                                "max_latency_s": max_latency_s},
-                             capacity_bytes=device.capacity_bytes())
-        if note is not None:
-            findings.append(note)
+        notes = [settings_note(key, entry, asked={"cap": DEFAULT_CAP if cap is None else cap,
+                                                  "max_latency_s": max_latency_s},
+                               capacity_bytes=device.capacity_bytes()),
+                 hardware_note(key, self.store.recorded_hardware(key), device.hardware()),
+                 recorded_unsteady_note(key, entry)]
+        findings.extend(note for note in notes if note is not None)
         return self._batch_result(
             key, entry, status="cached", throughput=now.throughput or 0.0, speedup=now.speedup,
             probes=0, ooms=0, search_seconds=0.0,
             peak_memory_bytes=now.peak_memory_bytes, findings=findings, change=verdict.change,
+            raw_change=verdict.raw_change, machine_speed=verdict.machine_speed,
             throughput_samples=now.throughput_samples,
             batch1_throughput_samples=now.batch1_throughput_samples)
+
+    def _judge(self, workload: Workload, entry: dict[str, Any]) -> tuple[Remeasurement, Verdict]:
+        """Re-measure and gate; with --autobatch-inconclusive=retry, again after a pause while the
+        machine is too busy to judge throughput; with =fail, an inconclusive verdict fails."""
+        policy = self.settings.inconclusive
+        for attempt in range(STEADY_ATTEMPTS if policy == "retry" else 1):
+            if attempt:
+                if self.progress is not None:
+                    self.progress(f"the machine is busy: measuring again in {self.settings.steady_pause_s:.0f} s")
+                time.sleep(self.settings.steady_pause_s)
+            now = remeasure(self.device, workload, entry, progress=self.progress)
+            verdict = check_entry(entry, now, hardware=self.device.hardware().get("name") or self.device.name,
+                                  tolerance=self.settings.tolerance,
+                                  memory_tolerance=self.settings.memory_tolerance)
+            if not verdict.inconclusive:
+                break
+        return now, inconclusive_as_failure(verdict) if policy == "fail" else verdict
 
     def _batch_result(self, key: str, entry: dict[str, Any], **figures: Any) -> BatchResult:
         """A BatchResult of ``entry``'s batches with this run's ``figures``."""

@@ -63,13 +63,64 @@ def test_unchanged_rerun_passes_the_gate():
     assert abs(check.change) < 0.10 and len(now.throughput_samples) >= 15
 
 
-def test_slower_device_is_a_throughput_regression_naming_model_hardware_and_numbers():
+def test_slower_model_is_a_throughput_regression_naming_model_hardware_numbers_and_next_step():
     _, check = gate(recorded(), slowdown=1.25)
     assert kinds(check.findings) == [("throughput_regression", True)]
     message = check.findings[0].message
     assert message.startswith("toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression:")
-    change = float(re.search(r"\((-\d+\.\d)%, tolerance 10%, Mann-Whitney p=", message).group(1))
-    assert change == pytest.approx(-20, abs=2)   # 1/1.25 - 1, give or take the timing noise
+    raw = float(re.search(r"\((-\d+\.\d)% raw", message).group(1))
+    relative = float(re.search(r"; (-\d+\.\d)% relative to the reference, tolerance 10%, Mann-Whitney p=",
+                               message).group(1))
+    assert raw == pytest.approx(-20, abs=2) and relative == pytest.approx(-20, abs=3)  # 1/1.25 - 1
+    assert "as fast as the recording machine" in message
+    assert check.findings[0].text.endswith("point --autobatch-baselines at them")
+
+
+def test_slower_machine_is_not_a_regression_but_a_slower_model_on_it_is():
+    entry = recorded()
+    _, slower_machine = gate(entry, machine_speed=0.4)
+    assert not slower_machine.failed and abs(slower_machine.change) < 0.05   # relative: unchanged
+    _, both = gate(entry, machine_speed=0.4, slowdown=1.25)
+    assert kinds(both.findings) == [("throughput_regression", True)]
+    assert "(-68." in both.findings[0].message or "(-67." in both.findings[0].message   # raw: 0.4 / 1.25
+    slower = float(re.search(r"this machine runs the reference (\d\.\d\d)x slower than the recording machine",
+                             both.findings[0].message).group(1))
+    assert slower == pytest.approx(2.5, abs=0.1)
+
+
+def test_a_busy_machine_makes_throughput_inconclusive_but_still_fails_on_memory():
+    entry = recorded()
+    _, busy = gate(entry, slowdown=1.5, unsteady=("its threads waited for a CPU 120% of the time",))
+    assert kinds(busy.findings) == [("inconclusive", False)]
+    assert "throughput inconclusive: its threads waited for a CPU 120% of the time" in busy.findings[0].message
+    assert "--autobatch-inconclusive" in busy.findings[0].message
+    _, busy_oom = gate(entry, memory_overhead_bytes=4 * 2**30, unsteady=("busy",))
+    assert ("oom", True) in kinds(busy_oom.findings)
+
+
+def test_a_reference_whose_speed_varies_makes_the_verdict_inconclusive():
+    entry = recorded()
+    now = remeasure(simulated_device("sim:h100"), simulated_device("sim:h100").workload(MODEL), entry)
+    now.reference_samples = [1000.0 * (1 + 0.5 * (i % 2)) for i in range(len(now.throughput_samples))]
+    verdict = check_entry(entry, now, hardware="gpu")
+    assert kinds(verdict.findings) == [("inconclusive", False)]
+    assert "the reference's speed varied by" in verdict.findings[0].message
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda entry: entry.pop("reference_samples"), "has no reference samples"),
+    (lambda entry: entry.__setitem__("reference_samples", ["fast"] * len(entry["throughput_samples"])),
+     "reference_samples are corrupt"),
+    (lambda entry: entry.__setitem__("reference_samples", [1.0]), "reference_samples are corrupt"),
+])
+def test_an_old_or_corrupt_reference_falls_back_to_the_raw_comparison_and_says_so(damage, reason):
+    entry = recorded()
+    damage(entry)
+    _, check = gate(entry, slowdown=1.25)
+    assert kinds(check.findings) == [("throughput_regression", True)]
+    assert "judged on raw throughput" in check.findings[0].message and reason in check.findings[0].message
+    _, unchanged = gate(entry)
+    assert not unchanged.failed
 
 
 def test_faster_device_is_an_improvement_with_an_update_hint():

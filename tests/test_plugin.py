@@ -116,7 +116,9 @@ def test_slower_model_fails_the_gate_and_keeps_the_baseline(project):
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines([
         "*toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression: * -> * samples/s at batch * "
-        "(-3*%, tolerance 10%, Mann-Whitney p=*, 15 vs 15 samples)*fingerprint changed*flops_per_sample*",
+        "(-3*% raw; -3*% relative to the reference, tolerance 10%, Mann-Whitney p=*, 15 vs 15 pairs; "
+        "this machine runs the reference as fast as the recording machine*fingerprint changed*flops_per_sample*"
+        "--autobatch-baselines at them",
         "test_models.py::test_toy::toy*FAILED*-3*%"])
     assert baseline(project).read_text() == before
 

@@ -186,3 +186,53 @@ def test_less_memory_than_recorded_is_noted_beside_the_oom_it_causes(tmp_path):
     assert [finding.kind for finding in again.findings if finding.failed][0] == "oom"
     note = next(finding.message for finding in again.findings if finding.kind == "settings_changed")
     assert "memory available" in note and "->" in note
+
+
+def busy_session(tmp_path, device, **settings):
+    return AutobatchSession(Settings(baselines=tmp_path, device="sim:h100", steady_pause_s=0.0, **settings),
+                            device_factory=lambda spec, memory_budget: device)
+
+
+class CountingDevice(SimulatedDevice):
+    """A simulated H100 that counts paired measurements (the gate's and the recording's)."""
+
+    def workload(self, model, example_input=None, *, mode="inference", **options):
+        workload = super().workload(model, example_input, mode=mode, **options)
+        measure_paired = workload.measure_paired
+
+        def counted(batch):
+            self.paired += 1
+            return measure_paired(batch)
+        workload.measure_paired = counted
+        return workload
+
+
+def counting(**options):
+    device = CountingDevice("h100", **options)
+    device.paired = 0
+    return device
+
+
+@pytest.mark.parametrize("policy, failed, rounds", [("warn", False, 1), ("retry", False, 3), ("fail", True, 1)])
+def test_the_inconclusive_option_warns_retries_or_fails(tmp_path, policy, failed, rounds):
+    session(tmp_path).run("t.py::test_a", MODEL)
+    quiet = counting()
+    busy_session(tmp_path, quiet).run("t.py::test_a", MODEL)
+    device = counting(slowdown=1.5, unsteady=("its threads waited for a CPU 150% of the time",))
+    result = busy_session(tmp_path, device, inconclusive=policy).run("t.py::test_a", MODEL)
+    assert result.failed is failed
+    assert [f.kind for f in result.findings] == ["inconclusive"]
+    assert device.paired == rounds * quiet.paired   # each round gathers the same number of samples
+
+
+def test_a_baseline_recorded_on_a_busy_machine_is_retried_then_says_so(tmp_path):
+    device = counting(unsteady=("the CPU quota throttled it 12 times",))
+    result = busy_session(tmp_path, device).run("t.py::test_a", MODEL)
+    assert result.entry["unsteady"] == ["the CPU quota throttled it 12 times"]
+    note = next(f for f in result.findings if f.kind == "recorded_unsteady")
+    assert "recorded while the machine was busy" in note.message and "--autobatch-update" in note.message
+    quiet = counting()
+    busy_session(tmp_path / "quiet", quiet).run("t.py::test_a", MODEL)
+    assert device.paired == 3 * quiet.paired   # measured again twice before giving up
+    again = session(tmp_path).run("t.py::test_a", MODEL)
+    assert "recorded_unsteady" in [f.kind for f in again.findings] and not again.failed

@@ -11,11 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import ConfigError
 
 MODES = ("inference", "train", "generate")
+
+
+@dataclass(frozen=True)
+class PairedSamples:
+    """Throughput samples of a model, each with the reference workload's rate timed right after it.
+
+    ``unsteady`` lists why the OS says the window's timings cannot be trusted (empty: steady);
+    ``reference_kind`` says which reference was timed, since only like can be compared with like.
+    """
+
+    model: list[float]
+    reference: list[float]
+    unsteady: list[str]
+    reference_kind: dict[str, Any]
+
+
+class Watch(Protocol):
+    """Started before a measurement; ``reasons()`` after it says why its timings cannot be trusted."""
+
+    def reasons(self) -> list[str]: ...
 
 
 class Workload(Protocol):
@@ -32,6 +53,9 @@ class Workload(Protocol):
 
     def measure(self, batch: int) -> list[float]:
         """Raw throughput samples in samples per second at ``batch`` (one per timed block)."""
+
+    def measure_paired(self, batch: int) -> PairedSamples:
+        """Throughput samples at ``batch`` with the device's reference timed beside each (for the gate)."""
 
     def extras(self, batch: int) -> dict[str, Any]:
         """Optional figures at ``batch`` (energy per sample, FLOPs per sample, ...); {} when none."""

@@ -77,6 +77,33 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+#: Instruction-set extensions that decide which kernels torch runs (visible even inside a VM).
+_ISA_PREFIXES = ("avx512", "amx", "avx_vnni")
+_ISA_FLAGS = ("avx", "avx2", "fma", "f16c")
+
+
+def cpu_isa() -> list[str]:
+    """The speed-relevant ISA flags of this CPU (/proc/cpuinfo), sorted; [] where not visible."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith(("flags", "features")):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f in _ISA_FLAGS or f.startswith(_ISA_PREFIXES))
+    except OSError:
+        pass
+    return []
+
+
+def isa_level(isa: list[str]) -> str:
+    """The widest vector unit: what selects torch's CPU kernels (amx > avx512 > avx2 > base)."""
+    if any(flag.startswith("amx") for flag in isa):
+        return "amx"
+    if "avx512f" in isa:
+        return "avx512"
+    return "avx2" if "avx2" in isa else "base"
+
+
 def usable_cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -91,6 +118,7 @@ def cpu_hardware(budget_bytes: int) -> dict[str, Any]:
         "name": cpu_model_name(),
         "machine": platform.machine(),
         "cpus": usable_cpu_count(),
+        "isa": cpu_isa(),
         "torch_threads": torch.get_num_threads(),
         "total_memory_bytes": physical_memory_bytes(),
         "memory_budget_bytes": budget_bytes,
@@ -109,6 +137,10 @@ def cuda_hardware(index: int, nvml_info: dict[str, Any]) -> dict[str, Any]:
         "compute_capability": f"{props.major}.{props.minor}",
         "multiprocessors": int(props.multi_processor_count),
         "driver": nvml_info.get("driver_version"),
+        "power_limit_w": nvml_info.get("power_limit_w"),
+        "max_clocks_mhz": nvml_info.get("max_clocks_mhz"),
+        "mig": nvml_info.get("mig"),
+        "ecc": nvml_info.get("ecc"),
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "nvml": nvml_info,
@@ -116,9 +148,16 @@ def cuda_hardware(index: int, nvml_info: dict[str, Any]) -> dict[str, Any]:
 
 
 def key_of_hardware(info: dict[str, Any]) -> str:
-    """"nvidia-h100-80gb-hbm3-79gib" or "cpu-amd-epyc-7r13-processor-2cpus": stable per hardware kind."""
+    """"nvidia-h100-80gb-hbm3-79gib" or "cpu-amd-epyc-7r13-processor-avx2-2cpus": stable per hardware kind.
+
+    In the key: what decides which kernels run and how many run at once (the CPU model where the
+    VM shows it, its ISA level and cores; the GPU model and memory). A new key means a new
+    baseline. Clocks, power limit, MIG, ECC, driver and torch versions and torch's threads are
+    only reported when they differ from the recording (gate.hardware_note): a baseline stays
+    comparable across them, judged relative to the reference workload.
+    """
     if info["device"] == "cpu":
-        return f"cpu-{slug(info['name'])}-{info['cpus']}cpus"
+        return f"cpu-{slug(info['name'])}-{isa_level(info.get('isa') or [])}-{info['cpus']}cpus"
     gib = round(info["total_memory_bytes"] / 1024 ** 3)
     return f"{slug(info['name'])}-{gib}gib"
 

@@ -8,6 +8,7 @@ reads "not available: ...".
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Any, Callable
 
@@ -85,12 +86,37 @@ class NvmlGpu:
         return self._read("energy",
                           lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
 
+    def other_processes(self) -> list[int]:
+        """Pids of other processes with a compute context on this GPU."""
+        running = self._read("processes",
+                            lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)) or []
+        return [int(p.pid) for p in running if int(p.pid) != os.getpid()]
+
+    def slowdown_reasons(self) -> list[str]:
+        bits = self._read("clock_events",
+                          lambda: self._nvml.nvmlDeviceGetCurrentClocksThrottleReasons(self._handle))
+        return [name for bit, name in _SLOWDOWN_REASONS.items() if bits and int(bits) & bit]
+
+    def max_clocks_mhz(self) -> int | None:
+        clocks = self._read("max_clocks", lambda: self._nvml.nvmlDeviceGetMaxClockInfo(
+            self._handle, self._nvml.NVML_CLOCK_SM))
+        return None if clocks is None else int(clocks)
+
+    def mig_mode(self) -> bool | None:
+        mode = self._read("mig", lambda: self._nvml.nvmlDeviceGetMigMode(self._handle))
+        return None if mode is None else bool(mode[0])
+
+    def ecc_mode(self) -> bool | None:
+        mode = self._read("ecc", lambda: self._nvml.nvmlDeviceGetEccMode(self._handle))
+        return None if mode is None else bool(mode[0])
+
     def info(self) -> dict[str, Any]:
         """What goes into the hardware fingerprint."""
         memory = self.memory()
         return {"name": self.name(), "driver_version": self.driver_version(),
                 "memory_total_bytes": memory["total"] if memory else None,
-                "power_limit_w": self.power_limit_w(), "unavailable": dict(self.unavailable)}
+                "power_limit_w": self.power_limit_w(), "max_clocks_mhz": self.max_clocks_mhz(),
+                "mig": self.mig_mode(), "ecc": self.ecc_mode(), "unavailable": dict(self.unavailable)}
 
 
 def open_gpu(torch_uuid: Any, *, pynvml: ModuleType | None = None) -> NvmlGpu | str:
@@ -133,3 +159,32 @@ class EnergyMeter:
 
     def method(self) -> str:
         return self.reason or "nvml total energy counter, delta over the timed blocks"
+
+
+#: Clock-event reasons that say the GPU slowed itself (NVML's nvmlClocksEventReason* bits): power
+#: cap, thermal (software and hardware), hardware slowdown, power brake.
+_SLOWDOWN_REASONS = {0x4: "software power cap", 0x8: "hardware slowdown", 0x20: "software thermal slowdown",
+                     0x40: "hardware thermal slowdown", 0x80: "hardware power brake"}
+
+
+class GpuWatch:
+    """Why a GPU timing window cannot be trusted: other processes on the GPU, clocks held down.
+
+    Read when ``reasons()`` is called (NVML has no per-window counters for these); without NVML
+    there is nothing to read and nothing is reported.
+    """
+
+    def __init__(self, gpu: NvmlGpu | str):
+        self._gpu = gpu if isinstance(gpu, NvmlGpu) else None
+
+    def reasons(self) -> list[str]:
+        if self._gpu is None:
+            return []
+        found = []
+        others = self._gpu.other_processes()
+        if others:
+            found.append(f"{len(others)} other process(es) use the GPU (pids {', '.join(map(str, others[:5]))})")
+        slowdowns = self._gpu.slowdown_reasons()
+        if slowdowns:
+            found.append(f"the GPU held its clocks down: {', '.join(slowdowns)}")
+        return found

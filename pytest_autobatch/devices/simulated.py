@@ -15,7 +15,9 @@ throughput can fall. Timing samples carry seeded noise and occasional slow outli
 
 To simulate a regression without changing the model's fingerprint, build the device with
 ``slowdown`` (throughput divided by it) or ``memory_overhead_bytes`` (extra bytes at every
-batch): ``simulated_device("sim:h100", slowdown=1.5)``. A genuinely different (slower) model is
+batch): ``simulated_device("sim:h100", slowdown=1.5)``. A slower machine is ``machine_speed``
+(0.4: everything, the reference workload too, runs at 40%); a busy one is ``unsteady`` (the
+reasons its measurements report). A genuinely different (slower) model is
 a ``SimulatedModel`` with more ``flops_per_sample``.
 """
 
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, OutOfMemory
-from .base import MODES
+from .base import MODES, PairedSamples
 
 MiB = 1 << 20
 GiB = 1 << 30
-ALLOCATOR_BLOCK_BYTES = 2 * MiB  # the CUDA caching allocator reserves large segments in 2 MiB steps
+ALLOCATOR_BLOCK_BYTES = 2 * MiB
+#: The simulated reference workload's rate on a profile at machine_speed 1.
+REFERENCE_UNITS_PER_S = 1000.0  # the CUDA caching allocator reserves large segments in 2 MiB steps
 # (static memory, per-sample memory, FLOPs) multipliers per mode. Training keeps gradients and
 # two Adam states (4x weights), saves activations for backward (~3x) and does ~3x the FLOPs.
 _MODE_FACTORS = {"inference": (1.0, 1.0, 1.0), "train": (4.0, 3.0, 3.0), "generate": (1.0, 2.0, 1.0)}
@@ -144,10 +148,12 @@ class SimulatedDevice:
     """A ``Device`` backed by a GPU profile; see the module docstring for the models."""
 
     def __init__(self, profile: GpuProfile | str = "h100", *, seed: int = 0, slowdown: float = 1.0,
-                 memory_overhead_bytes: int = 0, timing_noise: float = 0.02, repeats: int = 5,
-                 capacity_bytes: int | None = None):
+                 machine_speed: float = 1.0, memory_overhead_bytes: int = 0, timing_noise: float = 0.02,
+                 repeats: int = 5, capacity_bytes: int | None = None, unsteady: tuple[str, ...] = ()):
         if not slowdown > 0:
             raise ConfigError(f"slowdown must be > 0 (1.0 = as fast as the profile), got {slowdown!r}")
+        if not machine_speed > 0:
+            raise ConfigError(f"machine_speed must be > 0 (1.0 = as fast as the profile), got {machine_speed!r}")
         if repeats < 1:
             raise ConfigError(f"repeats must be >= 1, got {repeats!r}")
         if timing_noise < 0:
@@ -156,6 +162,8 @@ class SimulatedDevice:
         self.name = f"sim:{self.profile.name}"
         self.seed = seed
         self.slowdown = slowdown
+        self.machine_speed = machine_speed
+        self.unsteady = list(unsteady)
         self.memory_overhead_bytes = memory_overhead_bytes
         self.timing_noise = timing_noise
         self.repeats = repeats
@@ -246,7 +254,7 @@ class SimulatedWorkload:
         knee = self.model.knee_batch
         if knee is not None and batch > knee:
             seconds *= 1 + self.model.falloff * (batch - knee) / knee
-        return seconds * self.device.slowdown
+        return seconds * self.device.slowdown / self.device.machine_speed
 
     def expected_throughput(self, batch: int) -> float:
         """Noise-free samples per second at ``batch``."""
@@ -262,6 +270,14 @@ class SimulatedWorkload:
                 factor *= 1.25
             samples.append(batch / (seconds * factor))
         return samples
+
+    def measure_paired(self, batch: int) -> PairedSamples:
+        """The samples with a reference rate beside each: the machine's speed moves both, the
+        model's own ``slowdown`` only the model."""
+        samples = self.measure(batch)
+        reference = [REFERENCE_UNITS_PER_S * self.device.machine_speed
+                     * max(0.5, 1 + self._rng.gauss(0, self.device.timing_noise)) for _ in samples]
+        return PairedSamples(samples, reference, list(self.device.unsteady), {"kind": "simulated"})
 
     def extras(self, batch: int) -> dict[str, Any]:
         seconds = self.step_time_s(batch)

@@ -18,9 +18,10 @@ import torch
 
 from ..errors import ConfigError, OutOfMemory, catch_oom
 from ..units import format_bytes, parse_size
-from .base import parse_device_name
+from .base import Watch, parse_device_name
 from .hardware import cpu_hardware, cuda_hardware, datasheet_peak_tflops, default_cpu_budget_bytes, key_of_hardware
-from .nvml import EnergyMeter, NvmlGpu, open_gpu
+from .nvml import EnergyMeter, GpuWatch, NvmlGpu, open_gpu
+from .steadiness import Watch as CpuWatch
 from .torch_memory import LiveMemory
 from .torch_workload import TorchWorkload
 
@@ -66,6 +67,9 @@ class _TorchDevice(ABC):
 
     @abstractmethod
     def synchronize(self) -> None: ...
+
+    @abstractmethod
+    def watch(self) -> Watch: ...
 
     @abstractmethod
     def energy_meter(self) -> EnergyMeter | None: ...
@@ -139,6 +143,9 @@ class CpuDevice(_TorchDevice):
     def synchronize(self) -> None:
         pass
 
+    def watch(self) -> Watch:
+        return CpuWatch(torch.get_num_threads())
+
     def energy_meter(self) -> None:
         return None
 
@@ -207,6 +214,9 @@ class CudaDevice(_TorchDevice):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.index)
+
+    def watch(self) -> Watch:
+        return GpuWatch(self.nvml)
 
     def energy_meter(self) -> EnergyMeter:
         return EnergyMeter(self.nvml)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 from ..errors import ConfigError
@@ -79,6 +79,8 @@ class Timing:
     """Wall-clock seconds of the timed blocks."""
     metered: float | None = None
     """What the meter read over the timed blocks (joules), if a meter was given."""
+    reference: list[float] = field(default_factory=list)
+    """Units per second of the reference workload, timed right after each block (when given)."""
 
 
 def _timed(run: Callable[[], None], sync: Callable[[], None], iterations: int) -> float:
@@ -94,9 +96,29 @@ def _no_sync() -> None:
     pass
 
 
+#: Each reference block runs at least this many units and this long: long enough to time, short
+#: enough to sit right beside its model block (drift over a second hits both alike).
+REFERENCE_UNITS = 3
+REFERENCE_BLOCK_S = 0.03
+
+
+def reference_rate(reference: Callable[[], None], sync: Callable[[], None]) -> float:
+    """Units per second of one short block of the reference workload."""
+    units, elapsed = 0, 0.0
+    while units < REFERENCE_UNITS or elapsed < REFERENCE_BLOCK_S:
+        elapsed += _timed(reference, sync, 1)
+        units += 1
+    return units / max(elapsed, 1e-9)
+
+
 def measure_throughput(run: Callable[[], None], items_per_run: int, *, budget: TimingBudget,
-                       sync: Callable[[], None] | None = None, meter: Meter | None = None) -> Timing:
-    """Time ``run`` (one batch of ``items_per_run`` items) into per-block throughput samples."""
+                       sync: Callable[[], None] | None = None, meter: Meter | None = None,
+                       reference: Callable[[], None] | None = None) -> Timing:
+    """Time ``run`` (one batch of ``items_per_run`` items) into per-block throughput samples.
+
+    With a ``reference``, a short block of it follows each timed block, so each throughput sample
+    has a reference rate measured beside it (a meter's window then includes those blocks too).
+    """
     sync = sync or _no_sync
     warm_runs, warm_seconds = 0, 0.0
     while warm_runs < budget.warmup_iterations or warm_seconds < budget.warmup_s:
@@ -106,6 +128,7 @@ def measure_throughput(run: Callable[[], None], items_per_run: int, *, budget: T
     block = max(1, math.ceil(budget.block_s / per_run)) if per_run > 0 else 1
 
     samples: list[float] = []
+    references: list[float] = []
     seconds = 0.0
     if meter is not None:
         sync()
@@ -114,9 +137,11 @@ def measure_throughput(run: Callable[[], None], items_per_run: int, *, budget: T
         elapsed = _timed(run, sync, block)
         seconds += elapsed
         samples.append(block * items_per_run / max(elapsed, 1e-9))
+        if reference is not None:
+            references.append(reference_rate(reference, sync))
         if len(samples) >= budget.min_blocks and (summarize(samples).spread < budget.spread
                                                   or seconds >= budget.max_time_s):
             break
     metered = meter.stop() if meter is not None else None
     return Timing(samples=samples, items=len(samples) * block * items_per_run, seconds=seconds,
-                  metered=metered)
+                  metered=metered, reference=references)

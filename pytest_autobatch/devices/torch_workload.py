@@ -27,9 +27,11 @@ import torch
 
 from ..errors import ConfigError, NoBatchFits, catch_oom
 from ..stats import median
-from .base import MODES, stable_hash
+from .base import MODES, PairedSamples, Watch, stable_hash
+from .reference import describe as describe_reference
+from .reference import make_reference
 from .torch_memory import FakeModel, Prediction, predict, state_tensors
-from .torch_timing import Meter, TimingBudget, measure_throughput
+from .torch_timing import Meter, Timing, TimingBudget, measure_throughput
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -71,6 +73,8 @@ class TorchBackend(Protocol):
     def peak_tflops(self, dtype: torch.dtype) -> float | None: ...
 
     def release(self) -> None: ...
+
+    def watch(self) -> Watch: ...
 
 
 def _dtype_option(value: Any, option: str) -> torch.dtype:
@@ -243,6 +247,7 @@ class TorchWorkload:
         self._predictions: dict[int, Prediction | str] = {}
         self._throughput: dict[int, float] = {}
         self._measure_extras: dict[int, dict[str, Any]] = {}
+        self._reference: Callable[[], None] | None = None
 
     def _check_example_fits_model(self) -> None:
         """One forward pass on the example as given, so a model and an example input that do not go
@@ -403,13 +408,26 @@ class TorchWorkload:
         return self.backend.probe_peak(self, batch)
 
     def measure(self, batch: int) -> list[float]:
+        return self._timed(batch, meter=self.backend.energy_meter()).samples
+
+    def measure_paired(self, batch: int) -> PairedSamples:
+        if self._reference is None:
+            self._reference = make_reference(self.backend.torch_device, self.compute_dtype())
+        watch = self.backend.watch()
+        timing = self._timed(batch, meter=None, reference=self._reference)
+        return PairedSamples(timing.samples, timing.reference, watch.reasons(),
+                             describe_reference(self.backend.torch_device.type, self.compute_dtype()))
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or next((p.dtype for p in self.model.parameters()), torch.float32)
+
+    def _timed(self, batch: int, *, meter: Meter | None, reference: Callable[[], None] | None = None) -> Timing:
         self.ensure_steady_state()
         before = self.backend.allocated_bytes()
         step = partial(self.step, expand_batch(self.example, batch))
-        meter = self.backend.energy_meter()
         with catch_oom() as caught:
             timing = measure_throughput(step, batch, budget=self.timing, sync=self.backend.synchronize,
-                                        meter=meter)
+                                        meter=meter, reference=reference)
         del step   # the batch it holds goes before the memory check after an OOM
         if caught.error is not None:
             raise self.backend.after_oom(caught.error, batch, before, None, limit="device", needed=None,
@@ -421,7 +439,7 @@ class TorchWorkload:
             extras["power_w"] = None if timing.metered is None else timing.metered / timing.seconds
             extras["energy_method"] = meter.method()
         self._measure_extras[batch] = extras
-        return timing.samples
+        return timing
 
     def extras(self, batch: int) -> dict[str, Any]:
         extras: dict[str, Any] = dict(self._measure_extras.get(batch, {}))
@@ -438,9 +456,7 @@ class TorchWorkload:
         if throughput is not None and prediction.flops:
             attained = prediction.flops / batch * throughput / 1e12
             extras["attained_tflops"] = attained
-            compute_dtype = self.autocast_dtype or next(
-                (p.dtype for p in self.model.parameters()), torch.float32)
-            peak = self.backend.peak_tflops(compute_dtype)
+            peak = self.backend.peak_tflops(self.compute_dtype())
             extras["peak_tflops"] = peak
             extras["fraction_of_peak"] = attained / peak if peak else None
         return extras
@@ -452,4 +468,5 @@ class TorchWorkload:
             if self._owns_optimizer:
                 self.optimizer.state.clear()
         self._predictions.clear()
+        self._reference = None
         self.backend.release()

@@ -23,6 +23,7 @@ from .results import (
     read_results,
     search_cells,
 )
+from .terminal import machine, percent
 
 REPORT_FILE = "report.md"
 
@@ -103,15 +104,49 @@ def comparison_tables(results: list[Result], *, heading: str = "###") -> list[st
     return lines
 
 
+_VERDICTS = {"failed": "**failed**", "inconclusive": "inconclusive", "passed": "passed", "new": "recorded",
+             "updated": "re-recorded"}
+
+
+def run_lines(run: list[dict[str, Any]], *, heading: str = "###") -> list[str]:
+    """This run's verdicts beside the stored figures (from ``BatchResult.as_summary()``), then every
+    finding in words: what CI shows a reviewer."""
+    header = ["model", "device", "batch", "stored (/s)", "now (/s)", "raw change", "relative change",
+              "machine", "verdict"]
+    ordered = sorted(run, key=lambda result: result["key"])
+    rows = [[result["key"], f"`{result['hardware_key']}`", str(result["optimal_batch"]),
+             format_number(result.get("stored_throughput")), format_number(result.get("throughput")),
+             percent(result.get("raw_change")), percent(result.get("change")), machine(result.get("machine_speed")),
+             _VERDICTS.get(result.get("verdict", ""), str(result.get("verdict")))] for result in ordered]
+    lines = [f"{heading} pytest-autobatch: this run", "", *_table(header, rows, text_columns=3)]
+    findings = [(result["key"], finding) for result in ordered for finding in result.get("findings", ())]
+    if findings:
+        lines.append("")
+        lines += [f"- {'**failed**: ' if finding['failed'] else ''}{escape(finding['message'])}"
+                  for _, finding in findings]
+    lines += ["", '"relative change" is judged against a reference workload timed beside the model; '
+              '"machine" is how fast this machine ran it against the recording machine.']
+    return lines
+
+
+def escape(text: str) -> str:
+    """Text safe inside a Markdown list item (no table pipes, no HTML)."""
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
 def render_markdown(results: list[Result], plot_files: dict[tuple[str, str], str] | None = None, *,
-                    level: int = 1) -> str:
+                    level: int = 1, run: list[dict[str, Any]] | None = None) -> str:
     """The whole report; ``plot_files`` maps (hardware_key, entry key) to a PNG path relative to it.
 
-    ``level`` is the heading level of its title, so the report can sit inside another document.
+    ``level`` is the heading level of its title, so the report can sit inside another document;
+    ``run`` (the session's results) puts this run's measurements first, beside the stored ones.
     """
     title, section = "#" * level, "#" * (level + 1)
-    lines = [f"{title} pytest-autobatch results", "", f"{section} Devices", "", *devices_table(results),
-             "", f"{section} Results", "", *results_table(results)]
+    lines = [f"{title} pytest-autobatch results", ""]
+    if run:
+        lines += [*run_lines(run, heading=section), ""]
+    lines += [f"{section} Devices", "", *devices_table(results), "", f"{section} Results", "",
+              *results_table(results)]
     comparison = comparison_tables(results, heading=section + "#")
     if comparison:
         lines += ["", f"{section} Devices side by side", *comparison]
@@ -149,7 +184,7 @@ def update_readme(readme: str | Path, baselines_dir: str | Path = "baselines") -
 
 
 def write_report(baselines_dir: str | Path = "baselines", out_dir: str | Path = "reports", *,
-                 plots: bool = True) -> Path:
+                 plots: bool = True, run: list[dict[str, Any]] | None = None) -> Path:
     """Write ``out_dir/report.md`` and, with ``plots``, one PNG per model and device; return the report path.
 
     Raises BaselineError when there is nothing to report, MissingDependency when plots are asked
@@ -167,5 +202,5 @@ def write_report(baselines_dir: str | Path = "baselines", out_dir: str | Path = 
         for (hardware_key, key), path in write_plots(results, out).items():
             plot_files[(hardware_key, key)] = path.relative_to(out).as_posix()
     report = out / REPORT_FILE
-    report.write_text(render_markdown(results, plot_files), encoding="utf-8")
+    report.write_text(render_markdown(results, plot_files, run=run), encoding="utf-8")
     return report

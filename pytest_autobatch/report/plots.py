@@ -31,13 +31,39 @@ def _memory_unit(values: list[float]) -> tuple[str, float]:
 
 
 def _mark_batches(axis: Any, entry: dict[str, Any]) -> None:
-    """Vertical lines at the optimal and the maximum safe batch."""
+    """Vertical lines at the optimal and the maximum safe batch, each tagged at the top at its own
+    height, so the two stay apart when the batches are close."""
+    transform = axis.get_xaxis_transform()   # x in data, y in axis fractions
     if entry.get("optimal_batch"):
         axis.axvline(entry["optimal_batch"], label=f"optimal batch {entry['optimal_batch']}",
                      **OPTIMAL_STYLE)
+        axis.text(entry["optimal_batch"], 0.97, " opt", transform=transform, ha="right", va="top",
+                  color=OPTIMAL_STYLE["color"], fontsize="small")
     if entry.get("max_batch"):
         axis.axvline(entry["max_batch"], label=f"max safe batch {format_max_batch(entry)}",
                      **MAX_STYLE)
+        axis.text(entry["max_batch"], 0.88, " max", transform=transform, ha="left", va="top",
+                  color=MAX_STYLE["color"], fontsize="small")
+
+
+def _spread(axis: Any, batch: int | None, samples: Any, color: str, label: str) -> None:
+    """The raw samples at ``batch`` as a box: quartiles as the bar, min and max as the whiskers."""
+    if not batch or not isinstance(samples, list) or len(samples) < 2:
+        return
+    values = sorted(float(value) for value in samples)
+    q25, median, q75 = (values[int(q * (len(values) - 1))] for q in (0.25, 0.5, 0.75))
+    axis.errorbar([batch], [median], yerr=[[median - values[0]], [values[-1] - median]], fmt="none",
+                  ecolor=color, elinewidth=1, capsize=4)
+    axis.errorbar([batch], [median], yerr=[[median - q25], [q75 - median]], fmt="D", color=color,
+                  elinewidth=5, markersize=5, label=label)
+
+
+def _band(axis: Any, entry: dict[str, Any], best: float) -> None:
+    """The optimal batch's band: every batch whose throughput reaches it counts as optimal."""
+    band = entry.get("optimal_band", entry.get("tolerance"))
+    if isinstance(band, (int, float)) and 0 < band < 1 and best > 0:
+        axis.axhspan((1 - band) * best, best, color="tab:green", alpha=0.12,
+                     label=f"within {band:.0%} of the best")
 
 
 def _setup_axis(axis: Any, title: str, ylabel: str) -> None:
@@ -65,6 +91,10 @@ def plot_entry(result: Result, path: Path) -> Path:
     _setup_axis(throughput_axis, "Throughput", "throughput (samples/s)")
     throughput_axis.plot([p["batch"] for p in timed], [p["throughput"] for p in timed],
                          "o-", color="tab:blue", label="measured (median)")
+    _band(throughput_axis, entry, max((p["throughput"] for p in timed), default=0.0))
+    _spread(throughput_axis, entry.get("optimal_batch"), entry.get("throughput_samples"), "tab:green",
+            "samples at the optimal batch (IQR, range)")
+    _spread(throughput_axis, 1, entry.get("batch1_throughput_samples"), "tab:gray", "samples at batch 1")
     throughput_axis.set_ylim(bottom=0)
 
     _setup_axis(latency_axis, "Latency of one batch", "latency (ms)")

@@ -13,17 +13,27 @@ from typing import Any, Callable
 from ..units import format_bytes
 
 _COLUMNS = ("model", "device", "optimal", "max", "samples/s", "speedup", "memory", "probes", "OOMs",
-            "search", "baseline", "change")
+            "search", "baseline", "change", "raw", "machine")
+
+
+def percent(change: float | None) -> str:
+    return "-" if change is None else f"{change:+.1%}"
+
+
+def machine(speed: float | None) -> str:
+    """This machine's reference speed against the recording machine's: "0.41x"."""
+    return "-" if speed is None else f"{speed:.2f}x"
 
 
 def _row(result: dict[str, Any]) -> tuple[str, ...]:
-    change = result.get("change")
-    status = "FAILED" if result.get("failed") else result["status"]
+    verdict = result.get("verdict", result["status"])
+    status = {"failed": "FAILED", "passed": "cached", "inconclusive": "cached?"}.get(verdict, verdict)
     return (result["key"], result["device"], str(result["optimal_batch"]), str(result["max_batch"]),
             f"{result['throughput']:,.1f}", f"{result['speedup']:.2f}x",
             format_bytes(result.get("peak_memory_bytes")), str(result["probes"]), str(result["ooms"]),
             f"{result['search_seconds']:.1f}s" if result["status"] != "cached" else "-",
-            status, "-" if change is None else f"{change:+.1%}")
+            status, percent(result.get("change")), percent(result.get("raw_change")),
+            machine(result.get("machine_speed")))
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
@@ -35,7 +45,12 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
 
 
 def summary_lines(results: list[dict[str, Any]]) -> list[str]:
-    """Table of results (sorted by key), then every finding that did not fail a test."""
+    """Table of results (sorted by key), then every finding that did not fail a test.
+
+    "change" is what the gate went by (relative to the reference workload), "raw" samples/s
+    against samples/s, "machine" this machine's reference speed over the recording machine's;
+    "cached?" marks an inconclusive throughput verdict (its reason is among the notes).
+    """
     ordered = sorted(results, key=lambda result: result["key"])
     lines = table([_row(result) for result in ordered], _COLUMNS)
     notes = [finding["message"] for result in ordered for finding in result.get("findings", ())
