@@ -399,3 +399,24 @@ def test_killed_writer_leaves_the_file_intact_and_the_next_write_cleans_up(tmp_p
         assert entries[KEY] == entry()
         store.put(KEY, entry())
         assert not list(folder.glob(".*.tmp"))
+
+
+def test_committed_baselines_validate():
+    from pathlib import Path
+    root = Path(__file__).parent.parent / "baselines"
+    for folder in root.iterdir():
+        store = BaselineStore(root, folder.name)
+        for module in store.modules():
+            assert store.read_entries(module)
+        assert store.misplaced() == {}
+
+
+def test_stored_optimal_batch_and_report_raise_baseline_errors_on_bad_files(tmp_path, capsys):
+    from pytest_autobatch import stored_optimal_batch
+    from pytest_autobatch.cli import main
+    for bad in (_document(optimal_batch="8"), _document(probes=[{"batch": 2, "peak_bytes": "big"}])):
+        _store_with(tmp_path, bad)
+        with pytest.raises(BaselineError, match="field"):
+            stored_optimal_batch("toy", tmp_path, hardware_key="sim-h100")
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--no-plots"]) == 1
+        assert "autobatch report: error: baseline file" in capsys.readouterr().err
