@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 
@@ -32,8 +33,22 @@ class NoBatchFits(AutobatchError):
     """Batch 1 does not fit: the search has nothing to return."""
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (escape sequences too) shown as ``\\xNN``: safe for a terminal."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 class BaselineError(AutobatchError):
-    """A stored baseline cannot be read or written; the file is left as it was."""
+    """A stored baseline cannot be read or written; the file is left as it was.
+
+    The message is made printable: a hostile file can never write escape sequences to the terminal.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(str(message)))
 
 
 class MissingDependency(AutobatchError, ImportError):

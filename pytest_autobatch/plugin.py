@@ -48,7 +48,11 @@ def parse_fraction(text: str) -> float:
 
 def parse_device(text: str) -> str:
     from .devices.base import parse_device_name
-    return parse_device_name(text)
+    name = parse_device_name(text)
+    if name.startswith("sim:"):
+        from .devices.simulated import get_profile  # standard library only
+        get_profile(name)                             # an unknown profile fails at start-up
+    return name
 
 
 def parse_size(text: str) -> int:
@@ -133,6 +137,7 @@ def _settings(config: pytest.Config) -> Settings | None:
     if not values["autobatch"]:
         return None
     from .session import Settings
+    _check_memory_budget(values["autobatch_memory_budget"])
     folder = Path(values["autobatch_baselines"])
     if config.getoption("autobatch_baselines") is not None:
         base = config.invocation_params.dir
@@ -144,6 +149,20 @@ def _settings(config: pytest.Config) -> Settings | None:
                     memory_tolerance=values["autobatch_memory_tolerance"],
                     memory_budget=values["autobatch_memory_budget"],
                     inconclusive=values["autobatch_inconclusive"])
+
+
+def _check_memory_budget(budget: int | None) -> None:
+    """A budget beyond the machine's memory is a typo: refused at start-up, naming both."""
+    if budget is None:
+        return
+    from .devices.hardware import physical_memory_bytes
+    from .units import format_bytes
+    memory = physical_memory_bytes()
+    if memory is not None and budget > memory:
+        raise pytest.UsageError(
+            f"--autobatch-memory-budget {format_bytes(budget)} ({budget:,} B) is more than this "
+            f"machine's memory, {format_bytes(memory)} ({memory:,} B): pass a budget of at most "
+            f"{format_bytes(memory)}, or leave the option out for a share of RAM")
 
 
 class AutobatchState:
@@ -170,7 +189,7 @@ class AutobatchState:
         if self._session is None:
             from .session import AutobatchSession
             assert self.settings is not None
-            self._session = AutobatchSession(self.settings, progress=self.progress.show)
+            self._session = AutobatchSession(self.settings, progress=self.progress.show, batch_writes=True)
         return self._session
 
     @property
@@ -215,6 +234,19 @@ class AutobatchState:
         if missed:
             pytest.fail(missed, pytrace=False)
         return result
+
+    def flush(self) -> None:
+        """Write what this process recorded (one write per baseline file); a failure is kept for
+        the summary and fails the run, never a crash of the session."""
+        from .errors import AutobatchError
+        if self._session is None:
+            return
+        self.record.messages.extend(self._session.messages)
+        self._session.messages.clear()
+        try:
+            self._session.flush()
+        except AutobatchError as exc:
+            self.record.errors.append(f"baselines not saved: {exc}")
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect results from reports: the same path with and without pytest-xdist."""
@@ -369,9 +401,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = _state(session.config)
     if state.settings is None:
         return
+    state.flush()
     if state.is_worker:
         session.config.workeroutput[USER_PROPERTY] = state.record.worker_output(state.settings.baselines)  # type: ignore[attr-defined]
         return
+    if state.record.errors and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     from .errors import AutobatchError
     try:
         state.record.find_unused(state.settings.baselines, update=state.settings.update,
@@ -382,10 +417,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = _state(config)
-    if not state.enabled or state.is_worker or not (state.record.results or state.record.unused):
+    record = state.record if state.enabled else None
+    if record is None or state.is_worker or not (record.results or record.unused or record.errors
+                                                 or record.messages):
         return
+    from .errors import printable
     from .report.terminal import summary_lines, unused_lines
     terminalreporter.write_sep("=", "autobatch")
+    for message in record.messages:
+        terminalreporter.write_line(printable(message), yellow=True)
+    for message in record.errors:
+        terminalreporter.write_line(printable(message), red=True)
     for line in summary_lines(list(state.record.results.values())):
         terminalreporter.write_line(line)
     for line in unused_lines(state.record.unused, removed=state.record.unused_removed):

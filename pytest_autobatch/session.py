@@ -190,14 +190,16 @@ class AutobatchSession:
     """Searches, records and gates results for one pytest session (one xdist worker)."""
 
     def __init__(self, settings: Settings, *, progress: Progress | None = None,
-                 device_factory: Callable[..., Device] | None = None):
+                 device_factory: Callable[..., Device] | None = None, batch_writes: bool = False):
         self.settings = settings
+        self.batch_writes = batch_writes   # stage new entries; flush() writes each file once
         self.progress = progress
         self._device_factory = device_factory
         self._device: Device | None = None
         self._store: BaselineStore | None = None
         self.results: dict[str, BatchResult] = {}
         self._callers: dict[str, tuple[int, str]] = {}   # key -> (id of the model, mode) that owns it
+        self.messages: list[str] = []   # notes for the user (e.g. baseline files migrated)
 
     @property
     def device(self) -> Device:
@@ -213,8 +215,14 @@ class AutobatchSession:
     def store(self) -> BaselineStore:
         if self._store is None:
             device = self.device
-            self._store = BaselineStore(self.settings.baselines, device.hardware_key(), device.hardware())
+            store = BaselineStore(self.settings.baselines, device.hardware_key(), device.hardware())
+            self.messages.extend(store.migrate())
+            self._store = store
         return self._store
+
+    def flush(self) -> list[Path]:
+        """Write the entries recorded in this session: one write per baseline file."""
+        return self._store.flush() if self._store is not None else []
 
     def run(self, nodeid: str, model: Any, example_input: Any = None, *, mode: str = "inference",
             name: str | None = None, max_latency_s: float | None = None, cap: int | None = None,
@@ -248,7 +256,7 @@ class AutobatchSession:
                 f"no baseline for {key} on {store.hardware_key} in {store.path_for_key(key)} and "
                 "--autobatch-strict is set: record it with pytest --autobatch (without "
                 "--autobatch-strict) on this hardware and commit the file")
-        with store.search_lock(key):
+        with store.search_lock(key) as lock:
             previous = store.get(key)
             if previous is not None and not self.settings.update:
                 # another worker recorded it meanwhile
@@ -256,7 +264,8 @@ class AutobatchSession:
             entry = record_entry(self.device, workload, model=split_entry_key(key)[1], cap=cap,
                                  max_latency_s=max_latency_s, progress=self.progress,
                                  steady_pause_s=self.settings.steady_pause_s)
-            store.put(key, entry)
+            # staged for flush() at the end of the session, unless another process waits for it
+            store.put(key, entry, now=not self.batch_writes or lock.contended)
         search = entry["search"]
         unsteady = recorded_unsteady_note(key, entry)
         return self._batch_result(
@@ -270,11 +279,6 @@ class AutobatchSession:
 
     def _check(self, key: str, workload: Workload, entry: dict[str, Any], *, cap: int | None,
                max_latency_s: float | None) -> BatchResult:
-        broken = [name for name, kind in _GATE_FIELDS.items() if not isinstance(entry.get(name), kind)]
-        if broken or not entry["throughput_samples"]:
-            raise BaselineError(f"baseline entry {key} in {self.store.path_for_key(key)} lacks valid "
-                                f"{', '.join(broken) or 'throughput_samples'}; it was left untouched: "
-                                "re-record it with pytest --autobatch --autobatch-update")
         device = self.device
         now, verdict = self._judge(workload, entry)
         findings = verdict.findings
@@ -317,10 +321,6 @@ class AutobatchSession:
                            baseline_path=str(self.store.path_for_key(key)), **figures)
 
 
-#: What the gate reads from an entry, and the type each must have.
-_GATE_FIELDS = {"optimal_batch": int, "max_batch": int, "throughput_samples": list}
-
-
 def _throughput_change(previous: dict[str, Any] | None, entry: dict[str, Any]) -> float | None:
     """Relative change of the recorded throughput when an update replaced an entry."""
     if not previous or not previous.get("throughput"):
@@ -339,14 +339,19 @@ class RunRecord:
     finished: set[str] = field(default_factory=set)          # node ids whose call passed
     unused: dict[str, list[str]] = field(default_factory=dict)   # baseline path -> unused entry keys
     unused_removed: bool = False
+    errors: list[str] = field(default_factory=list)     # baseline writes that failed (the run fails)
+    messages: list[str] = field(default_factory=list)   # notes, e.g. baseline files migrated
 
     def worker_output(self, baselines: Path) -> dict[str, Any]:
         """What an xdist worker sends its controller: only node ids of modules with baseline files."""
         with_files = {path.stem for path in Path(baselines).glob("*/*.json")}
         return {"collected": sorted(nodeid for nodeid in self.collected if module_key(nodeid) in with_files),
-                "selected_modules": sorted(self.selected_modules)}
+                "selected_modules": sorted(self.selected_modules),
+                "errors": list(self.errors), "messages": list(self.messages)}
 
     def merge(self, worker_output: dict[str, Any]) -> None:
+        self.errors.extend(worker_output.get("errors", ()))
+        self.messages.extend(worker_output.get("messages", ()))
         self.collected.update(worker_output.get("collected", ()))
         self.selected_modules.update(worker_output.get("selected_modules", ()))
 

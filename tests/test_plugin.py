@@ -79,7 +79,8 @@ def test_record_then_cached_run_does_no_search(project):
                              "test_models.py::test_layers[2]::stack"}
     assert all(entry["status"] == "new" and entry["probes"] > 0 for entry in recorded.values())
     first.stdout.fnmatch_lines(["*= autobatch =*", "model*device*optimal*max*samples/s*speedup*memory*"
-                                "probes*OOMs*search*baseline*change", "test_models.py::test_toy::toy*sim:h100*new*"])
+                                "probes*OOMs*search*baseline*change*raw*machine",
+                                "test_models.py::test_toy::toy*sim:h100*new*"])
     stored = json.loads(baseline(project).read_text())
     assert stored["hardware_key"] == "sim-h100" and set(stored["entries"]) == set(recorded)
     toy = stored["entries"][TOY_KEY]
@@ -95,7 +96,7 @@ def test_record_then_cached_run_does_no_search(project):
     assert all(entry["cached"] and entry["probes"] == 0 and entry["ooms"] == 0 for entry in cached.values())
     assert cached[TOY_KEY]["optimal_batch"] == toy["optimal_batch"]
     assert abs(cached[TOY_KEY]["change"]) < 0.10
-    second.stdout.fnmatch_lines(["test_models.py::test_toy::toy*cached*%"])
+    second.stdout.fnmatch_lines(["test_models.py::test_toy::toy*cached*%*%*x"])
     assert baseline(project).read_text() == before
 
 
@@ -119,7 +120,7 @@ def test_slower_model_fails_the_gate_and_keeps_the_baseline(project):
         "(-3*% raw; -3*% relative to the reference, tolerance 10%, Mann-Whitney p=*, 15 vs 15 pairs; "
         "this machine runs the reference as fast as the recording machine*fingerprint changed*flops_per_sample*"
         "--autobatch-baselines at them",
-        "test_models.py::test_toy::toy*FAILED*-3*%"])
+        "test_models.py::test_toy::toy*FAILED*-3*%*-3*%*x"])
     assert baseline(project).read_text() == before
 
     update = project.runpytest(*SIM, "--autobatch-update")
@@ -339,3 +340,92 @@ def test_pytest_benchmark_gets_hardware_and_results(pytester):
 
 def test_runs_without_xdist_and_pytest_benchmark(project):
     project.runpytest(*SIM, "-p", "no:xdist", "-p", "no:benchmark").assert_outcomes(passed=4)
+
+
+# ---- hostile and careless inputs through the plugin (issue 13) ---------------------------------
+
+ONE_TEST = '''
+from pytest_autobatch.devices.simulated import SimulatedModel
+
+
+def test_one(optimal_batch):
+    optimal_batch(SimulatedModel("{name}", weights_bytes=10**9, activation_bytes_per_sample=10**7,
+                                 flops_per_sample=1e10))
+'''
+
+
+@pytest.mark.parametrize("first, second", [("test_a/test_x.py", "test_a__test_x.py"),
+                                           ("test_y z.py", "test_y_z.py")])
+def test_modules_with_colliding_old_names_never_lose_each_others_entries(pytester, first, second):
+    for path, name in ((first, "first"), (second, "second")):
+        target = pytester.path / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(ONE_TEST.format(name=name))
+    pytester.runpytest(*SIM).assert_outcomes(passed=2)
+    files = sorted((pytester.path / "baselines" / "sim-h100").glob("*.json"))
+    assert len(files) == 2
+    plain = pytester.runpytest(*SIM, first)
+    plain.assert_outcomes(passed=1)
+    assert "unused" not in plain.stdout.str()
+    update = pytester.runpytest(*SIM, "--autobatch-update", first.split("/")[0] if "/" in first else first)
+    update.assert_outcomes(passed=1)
+    assert "removed" not in update.stdout.str()
+    keys = {key for path in files for key in json.loads(path.read_text())["entries"]}
+    assert keys == {f"{first}::test_one::first", f"{second}::test_one::second"}
+
+
+def test_old_shared_baseline_file_is_migrated_with_a_message(pytester):
+    for path, name in (("test_a/test_x.py", "first"), ("test_a__test_x.py", "second")):
+        target = pytester.path / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(ONE_TEST.format(name=name))
+    pytester.runpytest(*SIM).assert_outcomes(passed=2)
+    folder = pytester.path / "baselines" / "sim-h100"
+    merged: dict = {}
+    for path in sorted(folder.glob("*.json")):     # put both modules' entries in the old shared file
+        document = json.loads(path.read_text())
+        merged.setdefault("document", document)["entries"].update(document["entries"])
+        path.unlink()
+    (folder / "test_a__test_x.json").write_text(json.dumps(merged["document"]))
+    result = pytester.runpytest(*SIM)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*moved 1 baseline entry from *test_a__test_x.json to "
+                                 "*test_a__test_x+*.json*commit both files*"])
+    assert "unused" not in result.stdout.str()
+    assert len(list(folder.glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--autobatch-device=sim:h1000",), "*unknown simulated GPU 'sim:h1000': known profiles are sim:*"),
+    (("--autobatch", "--autobatch-memory-budget=999999999TiB"),
+     "*--autobatch-memory-budget * is more than this machine's memory*pass a budget of at most*"),
+])
+def test_options_are_checked_at_start_up(project, args, message):
+    result = project.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+@pytest.mark.parametrize("content", [b'{"schema": 1, "entries": {"\xff": 1}}',
+                                     b"[" * 100_000 + b"]" * 100_000])
+def test_undecodable_baseline_fails_the_tests_not_the_session(project, content):
+    path = baseline(project)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    result = project.runpytest(*SIM)
+    result.assert_outcomes(passed=1, failed=3)
+    result.stdout.fnmatch_lines([f"*baseline file {path} cannot be used*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert path.read_bytes() == content
+
+
+def test_escape_sequences_in_a_stored_key_are_shown_escaped(project):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    path = baseline(project)
+    document = json.loads(path.read_text())
+    document["entries"]["test_models.py::test_gone::\x1b[2J\x1b[1;32mALL PASSED"] = document["entries"][TOY_KEY]
+    path.write_text(json.dumps(document))
+    result = project.runpytest(*SIM)
+    output = result.stdout.str() + result.stderr.str()
+    assert "\x1b[2J" not in output and "\\x1b[2J" in output
+    assert json.loads(path.read_text()) == document

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
+from ..errors import printable
 from ..units import format_bytes
 
 _COLUMNS = ("model", "device", "optimal", "max", "samples/s", "speedup", "memory", "probes", "OOMs",
@@ -58,7 +59,7 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
     if notes:
         lines.append("")
         lines.extend(f"note: {note}" for note in notes)
-    return lines
+    return [printable(line) for line in lines]
 
 
 def unused_lines(unused: dict[str, list[str]], *, removed: bool) -> list[str]:
@@ -72,7 +73,7 @@ def unused_lines(unused: dict[str, list[str]], *, removed: bool) -> list[str]:
         lines.extend(f"  {key}  ({path})" for key in unused[path])
     if not removed:
         lines.append("Re-run with pytest --autobatch --autobatch-update to remove unused entries.")
-    return lines
+    return [printable(line) for line in lines]
 
 
 class ProgressLine:
