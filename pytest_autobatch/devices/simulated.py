@@ -64,7 +64,7 @@ class GpuProfile:
     kernel_overhead_s: float = 2e-6  # per kernel, GPU side (launch latency, ramp and tail)
     efficiency: tuple[tuple[str, float], ...] = (("conv", 0.5), ("light-conv", 0.25), ("matmul", 0.7),
                                                  ("decode", 0.3))
-    precision: str = "fp32 (eager PyTorch defaults)"
+    precision: str = "FP32, eager PyTorch defaults"
     calibration_error: float | None = None
 
     def efficiency_for(self, work: str) -> float:
