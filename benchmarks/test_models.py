@@ -5,13 +5,16 @@
 The first run on a device searches and records ``baselines/<hardware>/benchmarks__test_models.json``;
 later runs re-measure the stored batches through the regression gate (throughput, OOM at a stored
 batch, memory) and assert the stored minimum speedup. Models are built at their GPU size on CUDA
-and at their CPU size on the CPU (see ``pytest_autobatch.zoo``).
+and at their CPU size on the CPU (see ``pytest_autobatch.zoo``). On a simulated card
+(``--autobatch-device=sim:h100``) each model's stored simulated counterpart runs instead, derived
+from the real model by ``python -m pytest_autobatch.devices.derive``: a preview in seconds.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from pytest_autobatch.devices.sim_zoo import simulated_counterpart
 from pytest_autobatch.zoo import ZOO, size_class
 
 #: Largest batch the CPU search may try, per model: it bounds the time of the throughput sweep
@@ -28,9 +31,17 @@ CPU_TIMING = {"warmup_s": 0.2, "warmup_iterations": 1, "block_s": 0.1, "min_bloc
 @pytest.mark.parametrize("name", list(ZOO))
 def test_model(name, optimal_batch, autobatch_device):
     device = autobatch_device.name
-    if device.startswith("sim:"):
-        pytest.skip(f"zoo models run on a torch device (cpu, cuda), not on {device}")
     spec = ZOO[name]
+    if device.startswith("sim:"):
+        # The model's simulated counterpart, derived from the real model at its GPU size
+        # (pytest_autobatch/devices/sim_zoo.json): the whole job runs in seconds, without torch.
+        result = optimal_batch(simulated_counterpart(name), mode=spec.mode, name=name)
+        print(f"\n{name} (simulated, {spec.size_label('cuda')}) on {device} [{result.status}]: optimal batch "
+              f"{result.optimal_batch}, max {result.max_batch}, {result.throughput:,.1f} samples/s (simulated), "
+              f"speedup {result.speedup:.2f}x")
+        assert 1 <= result.optimal_batch <= result.max_batch
+        result.expect_targets()
+        return
     model, example_input, options = spec.build(device)
     on_cpu = size_class(device) == "cpu"
     if on_cpu:

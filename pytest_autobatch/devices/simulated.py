@@ -46,7 +46,16 @@ _TORCH_ONLY_OPTIONS = frozenset({"loss_fn", "optimizer", "max_new_tokens", "dtyp
 
 @dataclass(frozen=True)
 class GpuProfile:
-    """Public figures of a GPU (dense FP16/BF16 tensor-core FLOP/s, no sparsity)."""
+    """Public figures of a GPU and a speed model fitted to published measurements.
+
+    ``precision`` is what the figures assume: FP32 tensors in eager PyTorch with its defaults
+    (cuDNN may use TF32 for convolutions); ``peak_flops`` is the card's dense FP32 rate.
+    ``launch_overhead_s`` is the host's time to dispatch one kernel (framework plus launch), which
+    overlaps with the GPU's work; ``kernel_overhead_s`` is the GPU's fixed cost per kernel;
+    ``efficiency`` is the achievable fraction of ``peak_flops`` by kind of work
+    (``SimulatedModel.work``). ``calibration_error`` is the largest relative error on the published
+    figures (``pytest_autobatch/devices/calibration.json``), None when there are none for the card.
+    """
 
     name: str
     label: str
@@ -54,21 +63,50 @@ class GpuProfile:
     context_bytes: int
     peak_flops: float
     memory_bandwidth: float  # bytes/s
-    launch_overhead_s: float  # per kernel launch
+    launch_overhead_s: float  # per kernel, host side (overlaps with the GPU)
     power_w: float
+    kernel_overhead_s: float = 2e-6  # per kernel, GPU side (launch latency, ramp and tail)
+    efficiency: tuple[tuple[str, float], ...] = (("conv", 0.5), ("light-conv", 0.25), ("matmul", 0.7),
+                                                 ("decode", 0.3))
+    precision: str = "FP32, eager PyTorch defaults"
+    calibration_error: float | None = None
 
+    def efficiency_for(self, work: str) -> float:
+        """The achievable fraction of peak FLOP/s for ``work`` (ConfigError for an unknown kind)."""
+        table = dict(self.efficiency)
+        if work not in table:
+            raise ConfigError(f"unknown kind of work {work!r} for sim:{self.name}: known are {', '.join(table)}")
+        return table[work]
+
+
+# Fitted speed parameters (see calibration.json and benchmarks/bench_simulated.py).
+# Host dispatch per kernel: the batch-1 latencies over the derived kernel counts. Efficiency: the
+# FLOP rate the large batches reach, over the FP32 peak. "light-conv" (narrow and depthwise
+# convolutions, YOLO-n) and "matmul"/"decode" on the H100 scale the RTX 5070 Ti's ratios; "matmul"
+# on the H100 assumes FP32 matmuls (no TF32) at 70% of peak; "decode" is bound by reading weights.
+H100_LAUNCH, H100_KERNEL = 6.3e-6, 2e-6
+H100_EFF = (("conv", 0.527), ("light-conv", 0.377), ("matmul", 0.7), ("decode", 0.3))
+H100_ERR: float | None = 0.14
+RTX_LAUNCH, RTX_KERNEL = 11.1e-6, 2e-6
+RTX_EFF = (("conv", 0.282), ("light-conv", 0.2016), ("matmul", 0.375), ("decode", 0.16))
+RTX_ERR: float | None = 0.12
 
 PROFILES: dict[str, GpuProfile] = {
     profile.name: profile for profile in (
-        # H100 SXM5 80GB: 989 TFLOP/s BF16 dense, 3.35 TB/s HBM3, 700 W.
+        # H100 SXM5 80GB: 67 TFLOP/s FP32 (989 BF16 tensor dense), 3.35 TB/s HBM3, 700 W.
+        # Overheads and efficiencies fitted to published ResNet-50 and ResNet-18 sweeps.
         GpuProfile("h100", "NVIDIA H100 80GB HBM3 (simulated)", 85_045_231_616, 536 * MiB,
-                   989e12, 3.35e12, 4e-6, 700.0),
-        # RTX A5000: 24 GB GDDR6, 768 GB/s, ~111 TFLOP/s FP16 tensor dense, 230 W.
+                   67e12, 3.35e12, H100_LAUNCH, 700.0, kernel_overhead_s=H100_KERNEL,
+                   efficiency=H100_EFF, calibration_error=H100_ERR),
+        # RTX A5000: 24 GB GDDR6, 768 GB/s, 27.8 TFLOP/s FP32, 230 W. No published figures:
+        # overheads and efficiencies taken from the RTX 5070 Ti (uncalibrated).
         GpuProfile("a5000", "NVIDIA RTX A5000 (simulated)", 25_425_608_704, 420 * MiB,
-                   111e12, 768e9, 5e-6, 230.0),
-        # RTX 5070 Ti: 16 GB GDDR7, 896 GB/s, ~176 TFLOP/s FP16 tensor dense, 300 W.
+                   27.8e12, 768e9, RTX_LAUNCH, 230.0, kernel_overhead_s=RTX_KERNEL, efficiency=RTX_EFF),
+        # RTX 5070 Ti: 16 GB GDDR7, 896 GB/s, 43.9 TFLOP/s FP32, 300 W. Fitted to published
+        # ResNet-50 and YOLO11n-pose figures.
         GpuProfile("rtx5070ti", "NVIDIA GeForce RTX 5070 Ti (simulated)", 17_094_475_776, 400 * MiB,
-                   176e12, 896e9, 5e-6, 300.0),
+                   43.9e12, 896e9, RTX_LAUNCH, 300.0, kernel_overhead_s=RTX_KERNEL, efficiency=RTX_EFF,
+                   calibration_error=RTX_ERR),
     )
 }
 
@@ -85,7 +123,10 @@ class SimulatedModel:
     workspace_bytes: int = 0  # batch-independent scratch (cuBLAS/cuDNN workspaces)
     memory_jitter: float = 0.0  # 0..1: deterministic per-batch noise, in units of one sample's activations
     kernels: int = 100  # kernel launches per step
-    utilisation: float = 0.5  # fraction of peak FLOP/s reached once compute-bound
+    utilisation: float = 0.5  # fraction of peak FLOP/s reached once compute-bound (when work is None)
+    work: str | None = None  # kind of work ("conv", "matmul", ...): the profile's efficiency applies
+    weight_reads: int = 1  # times a step reads the weights (forward passes of a generation)
+    measured_mode: str | None = None  # the figures are already for this mode: no mode factors in it
     knee_batch: int | None = None  # past this batch, throughput falls
     falloff: float = 0.0  # slowdown per knee_batch past the knee
     prediction_error: float = 0.1  # signed relative error of predict_peak_bytes on batch-dependent memory
@@ -202,7 +243,7 @@ class SimulatedWorkload:
         self.device = device
         self.model = model
         self.mode = mode
-        static, per_sample, flops = _MODE_FACTORS[mode]
+        static, per_sample, flops = (1.0, 1.0, 1.0) if model.measured_mode == mode else _MODE_FACTORS[mode]
         self._static_bytes = model.weights_bytes * static + model.workspace_bytes + device.memory_overhead_bytes
         self._sample_bytes = model.activation_bytes_per_sample * per_sample
         self._curvature = model.curvature_bytes * per_sample
@@ -246,11 +287,16 @@ class SimulatedWorkload:
         return self.needed_bytes(batch)
 
     def step_time_s(self, batch: int) -> float:
-        """Noise-free seconds per step at ``batch``."""
+        """Noise-free seconds per step at ``batch``: the host dispatching kernels and the GPU running
+        them overlap, so the step takes the longer of the two. The GPU pays a fixed cost per kernel
+        plus a roofline (the larger of memory traffic over bandwidth and FLOPs over achievable FLOP/s)."""
         gpu = self.device.profile
-        memory_s = (self.model.weights_bytes + 2 * self._sample_bytes * batch) / gpu.memory_bandwidth
-        compute_s = self._flops * batch / (gpu.peak_flops * self.model.utilisation)
-        seconds = self.model.kernels * gpu.launch_overhead_s + max(memory_s, compute_s)
+        memory_s = (self.model.weights_bytes * self.model.weight_reads
+                    + 2 * self._sample_bytes * batch) / gpu.memory_bandwidth
+        utilisation = self.model.utilisation if self.model.work is None else gpu.efficiency_for(self.model.work)
+        compute_s = self._flops * batch / (gpu.peak_flops * utilisation)
+        gpu_s = self.model.kernels * gpu.kernel_overhead_s + max(memory_s, compute_s)
+        seconds = max(self.model.kernels * gpu.launch_overhead_s, gpu_s)
         knee = self.model.knee_batch
         if knee is not None and batch > knee:
             seconds *= 1 + self.model.falloff * (batch - knee) / knee

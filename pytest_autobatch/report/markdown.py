@@ -22,6 +22,7 @@ from .results import (
     latency_at_optimal,
     read_results,
     search_cells,
+    simulated_notes,
 )
 from .terminal import machine, percent
 
@@ -147,6 +148,12 @@ def render_markdown(results: list[Result], plot_files: dict[tuple[str, str], str
         lines += [*run_lines(run, heading=section), ""]
     lines += [f"{section} Devices", "", *devices_table(results), "", f"{section} Results", "",
               *results_table(results)]
+    simulated = simulated_notes([r.hardware_key for r in results])
+    if simulated:
+        lines += ["", "Figures on simulated devices are simulated, not measured "
+                  "(profiles calibrated against published figures: `python benchmarks/bench_simulated.py`):", ""]
+        lines += [f"- `{key}`: {label}" for key, label in
+                  (note.split(": ", 1) for note in simulated)]
     comparison = comparison_tables(results, heading=section + "#")
     if comparison:
         lines += ["", f"{section} Devices side by side", *comparison]

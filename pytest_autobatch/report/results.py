@@ -37,6 +37,27 @@ class Result:
         return self.model if mode == "inference" or mode in self.model else f"{self.model} ({mode})"
 
 
+def simulated_label(device: str) -> str | None:
+    """For a simulated device ("sim:h100" or hardware key "sim-h100"): its figures are simulated,
+    with the profile's precision and calibration error; None for a real device."""
+    from ..devices.simulated import PROFILES  # no torch there
+    name = str(device)
+    if not name.startswith(("sim:", "sim-")):
+        return None
+    profile = PROFILES.get(name[4:])
+    if profile is None:
+        return "simulated, not measured (unknown profile)"
+    fitted = ("uncalibrated: no published figures for this card" if profile.calibration_error is None
+              else f"within {profile.calibration_error:.0%} of published measurements")
+    return f"simulated, not measured ({profile.precision}; {fitted})"
+
+
+def simulated_notes(devices: list[str]) -> list[str]:
+    """One line per simulated device, for under a table of figures."""
+    return [f"{device}: {label}" for device in sorted(set(devices))
+            if (label := simulated_label(device)) is not None]
+
+
 def read_results(baselines_dir: str | Path) -> list[Result]:
     """Every entry of every baseline file under ``baselines_dir``, sorted by model then device.
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from ..errors import printable
 from ..units import format_bytes
+from .results import simulated_notes
 
 _COLUMNS = ("model", "device", "optimal", "max", "samples/s", "speedup", "memory", "probes", "OOMs",
             "search", "baseline", "change", "raw", "machine")
@@ -56,6 +57,10 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
     lines = table([_row(result) for result in ordered], _COLUMNS)
     notes = [finding["message"] for result in ordered for finding in result.get("findings", ())
              if not finding["failed"]]
+    simulated = simulated_notes([result["device"] for result in ordered])
+    if simulated:
+        lines.append("")
+        lines.extend(f"simulated: {note}" for note in simulated)
     if notes:
         lines.append("")
         lines.extend(f"note: {note}" for note in notes)
