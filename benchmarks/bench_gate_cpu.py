@@ -4,9 +4,10 @@ verdicts, on a quiet machine, with a busy neighbour, and across machine speeds.
     python benchmarks/bench_gate_cpu.py [--runs 10]
 
 Baselines are recorded once, on the quiet machine, for two real models (torchvision ResNet-18 at
-32 px and a 2-layer transformer encoder, small so that the whole run takes minutes). Each condition then re-measures them ``--runs`` times
-unchanged and ``--runs`` times with the model's forward slowed (the same module and parameters,
-its forward run again on 3 of every 16 samples, about 15% more work), in a fresh process:
+32 px and a 2-layer transformer encoder, small so that the whole run takes minutes). Each
+condition then re-measures them ``--runs`` times unchanged and ``--runs`` times with the model's
+forward slowed (the same module and parameters, its forward run again on 3 of every 16 samples,
+about 15% more work), in a fresh process:
 
 - quiet: nothing else running;
 - busy: two busy loops on the two cores (a noisy neighbour);
@@ -153,9 +154,14 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 caught = f"{sum(row['verdict'] == 'failed' for row in judged)}/{len(judged)}" if slowed else "-"
                 changes = [row["change"] for row in cell if row["change"] is not None]
                 raws = [row["raw_change"] for row in cell if row["raw_change"] is not None]
+                # "slowed (-x%)": the slowed runs' raw throughput against the unchanged runs', same condition
                 speeds = [row["machine_speed"] for row in cell if row["machine_speed"] is not None]
+                forward = "unchanged"
+                if slowed:
+                    plain = [1 + row["raw_change"] for row in rows if row["model"] == model and not row["slowed"]]
+                    forward = f"slowed ({statistics.median(1 + r for r in raws) / statistics.median(plain) - 1:+.0%})"
                 lines.append(" | ".join((
-                    condition, model, "slowed 15%" if slowed else "unchanged", share(cell, "verdict", "failed"),
+                    condition, model, forward, share(cell, "verdict", "failed"),
                     share(cell, "verdict", "inconclusive"), caught,
                     f"{statistics.median(changes):+.1%}" if changes else "-",
                     f"{statistics.median(raws):+.1%}" if raws else "-",

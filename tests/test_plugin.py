@@ -101,11 +101,15 @@ def test_record_then_cached_run_does_no_search(project):
 
 
 def test_report_option_writes_the_report_of_the_baselines_at_session_end(project):
-    result = project.runpytest(*SIM, "--autobatch-report=out")
+    # In a subprocess: plotting imports numpy, which cannot be imported twice in one process,
+    # and an in-process run unloads what it imported.
+    result = project.runpytest_subprocess(*SIM, "--autobatch-report=out")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["autobatch report written to *report.md"])
     report = (project.path / "out" / "report.md").read_text()
     assert "toy" in report and "sim-h100" in report
+    this_run = report.split("## Devices")[0]
+    assert "pytest-autobatch: this run" in this_run and this_run.count("| recorded |") == 3
     assert list((project.path / "out").rglob("*.png"))
 
 
@@ -429,3 +433,16 @@ def test_escape_sequences_in_a_stored_key_are_shown_escaped(project):
     output = result.stdout.str() + result.stderr.str()
     assert "\x1b[2J" not in output and "\\x1b[2J" in output
     assert json.loads(path.read_text()) == document
+
+
+def test_github_step_summary_gets_this_runs_verdicts(project, monkeypatch):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    summary = project.path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    project.makepyfile(test_models=MODELS.format(flops=6e10, activations=50_000_000))
+    project.runpytest(*SIM).assert_outcomes(passed=3, failed=1)
+    text = summary.read_text()
+    assert "pytest-autobatch: this run" in text and "relative change" in text and "machine" in text
+    toy = next(line for line in text.splitlines() if line.startswith("| test_models.py::test_toy::toy"))
+    assert "**failed**" in toy and "-3" in toy
+    assert "- **failed**: toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression:" in text

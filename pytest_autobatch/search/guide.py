@@ -34,9 +34,7 @@ class Guide:
 
         Once bracketed, each surprise (an OOM where the model expected a fit, or the reverse) doubles
         how far the next guess must move from the side that surprised, up to bisection: a misled
-        model costs O(log) probes, never a walk one batch at a time. After an OOM the guess also
-        backs off ``oom_backoff_share`` of the bracket, so that the next probe likely fits and its
-        peak, close to the limit, corrects the model.
+        model costs O(log) probes, never a walk one batch at a time.
         """
         bracket = self.bracket
         jump_failed = bracket.oom_streak and self.jumped
@@ -48,9 +46,7 @@ class Guide:
         if bracket.high is not None:
             middle = (bracket.low + bracket.high) // 2
             if bracket.oom_streak:
-                backoff = max(2 ** (bracket.oom_streak - 1),
-                              int((bracket.high - bracket.low) * self.tuning.oom_backoff_share))
-                guess = min(guess, max(bracket.high - backoff, middle))
+                guess = min(guess, max(bracket.high - 2 ** (bracket.oom_streak - 1), middle))
             elif bracket.fit_streak:
                 guess = max(guess, min(bracket.low + 2 ** (bracket.fit_streak - 1), middle))
         return guess
