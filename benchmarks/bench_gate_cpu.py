@@ -6,8 +6,8 @@ verdicts, on a quiet machine, with a busy neighbour, and across machine speeds.
 Baselines are recorded once, on the quiet machine, for two real models (torchvision ResNet-18 at
 32 px and a 2-layer transformer encoder, small so that the whole run takes minutes). Each
 condition then re-measures them ``--runs`` times unchanged and ``--runs`` times with the model's
-forward slowed (the same module and parameters, its forward run again on 3 of every 16 samples,
-about 15% more work), in a fresh process:
+forward slowed (the same module and parameters, its forward run again on 3 of every 16 samples;
+the table gives the slowdown this measured, side by side), in a fresh process:
 
 - quiet: nothing else running;
 - busy: two busy loops on the two cores (a noisy neighbour);

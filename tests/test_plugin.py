@@ -187,6 +187,8 @@ def test_ini_options_configure_the_run(project):
     (("--autobatch-memory-tolerance=150%",), "*'150%' is not a tolerance*"),
     (("--autobatch-device=tpu",), "*argument --autobatch-device: unknown device 'tpu'*sim:PROFILE*"),
     (("--autobatch-memory-budget=lots",), "*argument --autobatch-memory-budget*not a size*2GiB*"),
+    (("--autobatch-inconclusive=ignore",), "*argument --autobatch-inconclusive: 'ignore' is not a choice: use warn, "
+                                           "retry, fail*"),
 ])
 def test_bad_option_values_are_usage_errors(project, args, message):
     result = project.runpytest(*args)
