@@ -214,6 +214,9 @@ class AutobatchState:
         from .errors import AutobatchError
         if not self.enabled:
             pytest.skip(SKIP_REASON)
+        marker_latency = _marker_targets(item).get("max_latency_s")
+        if options.get("max_latency_s") is None and marker_latency is not None:
+            options["max_latency_s"] = marker_latency   # the marker's limit limits the search too
         result, error = None, None
         try:
             result = self.session.run(item.nodeid, model, example_input, **options)
@@ -291,7 +294,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{MARKER}(min_speedup=None, max_latency_s=None, min_throughput=None, "
                    "max_memory_bytes=None): a benchmark test, skipped without --autobatch; the "
-                   "given targets are asserted on every optimal_batch result of the test")
+                   "given targets are asserted on every optimal_batch result of the test, and "
+                   "max_latency_s limits the search as the optimal_batch keyword does")
     state = AutobatchState(config, _settings(config))
     config.stash[_STATE] = state
     config.pluginmanager.register(state, "autobatch-state")
@@ -370,6 +374,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if unknown:
             raise pytest.UsageError(f"{item.nodeid}: unknown @pytest.mark.{MARKER} argument(s) "
                                     f"{', '.join(sorted(unknown))}; known: {', '.join(MARKER_TARGETS)}")
+        from .arguments import check_marker
+        from .errors import ConfigError
+        try:
+            check_marker(_marker_targets(item))
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
     state.record.collected.update(item.nodeid for item in items)
 
 

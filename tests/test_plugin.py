@@ -429,3 +429,36 @@ def test_escape_sequences_in_a_stored_key_are_shown_escaped(project):
     output = result.stdout.str() + result.stderr.str()
     assert "\x1b[2J" not in output and "\\x1b[2J" in output
     assert json.loads(path.read_text()) == document
+
+
+def test_marker_max_latency_limits_the_search_as_the_keyword_does(pytester):
+    from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
+    from pytest_autobatch.stats import median
+    model = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e10)
+    samples = simulated_device("sim:h100").workload(model).measure(8)
+    limit = 8 / median(samples)   # the unlimited optimal batch is far larger than 8
+    pytester.makepyfile(test_latency=f'''
+        import pytest
+        from pytest_autobatch.devices.simulated import SimulatedModel
+        MODEL = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e10)
+
+        @pytest.mark.autobatch(max_latency_s={limit!r})
+        def test_limited(optimal_batch):
+            result = optimal_batch(MODEL)
+            assert result.entry["max_latency_s"] == {limit!r}
+            assert result.optimal_batch <= 16
+
+        def test_free(optimal_batch):
+            assert optimal_batch(MODEL).optimal_batch > 16
+    ''')
+    pytester.runpytest(*SIM).assert_outcomes(passed=2)
+    pytester.makepyfile(test_bad_marker='''
+        import pytest
+        @pytest.mark.autobatch(max_latency_s="10ms")
+        def test_bad():
+            pass
+    ''')
+    bad = pytester.runpytest(*SIM, "test_bad_marker.py")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*test_bad: autobatch marker max_latency_s='10ms' (str): max_latency_s must be "
+                              "a number of seconds > 0*"])
