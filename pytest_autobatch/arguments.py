@@ -42,8 +42,8 @@ def check_call(*, name: Any, cap: Any, max_latency_s: Any, mode: Any) -> None:
         raise ConfigError(f"optimal_batch(mode={_shown(mode)}): unknown mode; use one of {', '.join(MODES)}")
 
 
-def check_marker(targets: dict[str, Any]) -> None:
-    """ConfigError naming the first bad target of ``@pytest.mark.autobatch(...)``."""
+def check_marker(targets: dict[str, Any], where: str = "autobatch marker") -> None:
+    """ConfigError naming the first bad target of ``@pytest.mark.autobatch(...)`` (or ``expect()``)."""
     for target, value in targets.items():
         if target not in MARKER_RANGES or value is None:
             continue
@@ -51,5 +51,5 @@ def check_marker(targets: dict[str, Any]) -> None:
         if target == "max_memory_bytes":
             fine = fine and isinstance(value, int)
         if not fine:
-            raise ConfigError(f"autobatch marker {target}={_shown(value)}: {target} must be "
+            raise ConfigError(f"{where} {target}={_shown(value)}: {target} must be "
                               f"{MARKER_RANGES[target]}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .arguments import check_call
+from .arguments import check_call, check_marker
 from .baselines import BaselineStore, entry_key, module_key, split_entry_key
 from .devices.base import Device, Workload
 from .errors import BaselineError, ConfigError
@@ -110,11 +110,14 @@ class BatchResult:
     def missed_targets(self, *, min_speedup: float | None = None, max_latency_s: float | None = None,
                        min_throughput: float | None = None, max_memory_bytes: int | None = None) -> str | None:
         """A sentence naming every target this result misses, with the numbers; None when all are met."""
+        check_marker({"min_speedup": min_speedup, "max_latency_s": max_latency_s,
+                      "min_throughput": min_throughput, "max_memory_bytes": max_memory_bytes}, "expect()")
         missed = []
         if min_speedup is not None and self.speedup < min_speedup:
             evidence = self._speedup_evidence(min_speedup)
             if evidence is not None:
-                missed.append(f"speedup {self.speedup:.2f}x over batch 1 is below {min_speedup:.2f}x"
+                smallest = self.entry.get("min_batch", 1)
+                missed.append(f"speedup {self.speedup:.2f}x over batch {smallest} is below {min_speedup:.2f}x"
                               f"{evidence}")
         if max_latency_s is not None and self.latency_s > max_latency_s:
             missed.append(f"latency {self.latency_s * 1e3:.2f} ms per batch of {self.optimal_batch} "

@@ -151,7 +151,7 @@ def batch_size(inputs: Any, spec: Any, where: str = "example input") -> int:
                           "per-sample tensors, make_batch=... or dataset=...")
     leaves = batched_leaves(inputs, spec, where)
     if not leaves:
-        raise ConfigError(f"{where} {type(inputs).__name__} holds no batched tensor: give a tensor, a "
+        raise ConfigError(f"{where} {type(inputs).__name__} holds no tensor to batch: give a tensor, a "
                           f"dict/tuple/list of tensors whose first dimension is the batch, or a Samples list")
     sizes = {leaf.size for leaf in leaves}
     if len(sizes) > 1:
@@ -256,8 +256,8 @@ class BatchSource:
         if dataset is not None:
             self._check_dataset()
         self.example = None if example is None else map_tensors(example, to_device)
-        if self.example is not None:
-            batch_size(self.example, batch_dim)
+        if self.kind == "example":
+            batch_size(self.example, batch_dim)   # a ConfigError for a missing or unbatchable example
 
     def _check_dataset(self) -> None:
         dataset = self.dataset
