@@ -124,9 +124,15 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
         return dict(model=bert(), kind="dict of tensors", mode="inference", example=example, options={},
                     budget=4 * MIB, build=lambda b: {key: rows(value, b) for key, value in example.items()})
 
-    def detector() -> Any:
-        return fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3,
-                                                     min_size=64, max_size=64).to(device)
+    def detector() -> Any:   # as tests/test_any_model.py: 64x64 images, few proposals, a small box head
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        model = fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64,
+            rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=32, rpn_pre_nms_top_n_train=64,
+            rpn_post_nms_top_n_train=32, box_batch_size_per_image=32)
+        model.roi_heads.box_head = TwoMLPHead(256 * 7 * 7, 64)
+        model.roi_heads.box_predictor = FastRCNNPredictor(64, 3)
+        return model.to(device)
 
     image = torch.rand(3, 64, 64, device=device)
     target = on({"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])})

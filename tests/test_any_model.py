@@ -164,9 +164,21 @@ def test_dict_inputs_bert():
 # --- lists of samples: detection ------------------------------------------------------------------------
 
 def _detector():
+    """torchvision's fasterrcnn_mobilenet_v3_large_320_fpn at CPU size: 64x64 images, few proposals, a
+    small box head (the stock one is 13M parameters of the 19M)."""
     detection = pytest.importorskip("torchvision.models.detection")
-    return detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3,
-                                                           min_size=64, max_size=64)
+    return small_detector(detection)
+
+
+def small_detector(detection):
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64,
+        rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=32, rpn_pre_nms_top_n_train=64,
+        rpn_post_nms_top_n_train=32, box_batch_size_per_image=32)
+    model.roi_heads.box_head = TwoMLPHead(256 * 7 * 7, 64)
+    model.roi_heads.box_predictor = FastRCNNPredictor(64, 3)
+    return model
 
 
 def _image_and_target():

@@ -432,26 +432,40 @@ def test_escape_sequences_in_a_stored_key_are_shown_escaped(project):
 
 
 def test_marker_max_latency_limits_the_search_as_the_keyword_does(pytester):
-    from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
-    from pytest_autobatch.stats import median
-    model = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e10)
-    samples = simulated_device("sim:h100").workload(model).measure(8)
-    limit = 8 / median(samples)   # the unlimited optimal batch is far larger than 8
-    pytester.makepyfile(test_latency=f'''
+    test = '''
         import pytest
         from pytest_autobatch.devices.simulated import SimulatedModel
-        MODEL = SimulatedModel("toy", weights_bytes=10**9, activation_bytes_per_sample=10**7, flops_per_sample=1e10)
+        MODEL = SimulatedModel("toy", weights_bytes=2 * 10**9, activation_bytes_per_sample=5 * 10**7,
+                               flops_per_sample=4e10 / 16)
 
-        @pytest.mark.autobatch(max_latency_s={limit!r})
-        def test_limited(optimal_batch):
+        @pytest.mark.autobatch({marker})
+        def test_model(optimal_batch):
             result = optimal_batch(MODEL)
-            assert result.entry["max_latency_s"] == {limit!r}
-            assert result.optimal_batch <= 16
+            print(f"RESULT {{result.optimal_batch}} {{result.entry['max_latency_s']}}")
+    '''
 
-        def test_free(optimal_batch):
-            assert optimal_batch(MODEL).optimal_batch > 16
-    ''')
-    pytester.runpytest(*SIM).assert_outcomes(passed=2)
+    def optimal(run):
+        line = next(line for line in run.outlines if line.startswith("RESULT "))
+        batch, limit = line.split()[1:]
+        return int(batch), limit
+
+    pytester.makepyfile(test_latency=test.format(marker=""))
+    free = pytester.runpytest(*SIM, "-s")
+    free.assert_outcomes(passed=1)
+    free_batch, _ = optimal(free)
+    entry = json.loads(baseline(pytester, "sim-h100").with_name("test_latency.json").read_text())
+    [row] = [row for row in entry["entries"]["test_latency.py::test_model::toy"]["probes"]
+             if row["batch"] == free_batch]
+    limit = row["latency_s"] / 2
+    pytester.makepyfile(test_latency=test.format(marker=f"max_latency_s={limit!r}"))
+    limited = pytester.runpytest(*SIM, "-s", "--autobatch-update")
+    limited.assert_outcomes(passed=1)
+    limited_batch, stored_limit = optimal(limited)
+    assert limited_batch < free_batch and float(stored_limit) == limit
+    entry = json.loads(baseline(pytester, "sim-h100").with_name("test_latency.json").read_text())
+    [row] = [row for row in entry["entries"]["test_latency.py::test_model::toy"]["probes"]
+             if row["batch"] == limited_batch]
+    assert row["latency_s"] <= limit
     pytester.makepyfile(test_bad_marker='''
         import pytest
         @pytest.mark.autobatch(max_latency_s="10ms")
