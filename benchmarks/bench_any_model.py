@@ -122,7 +122,7 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
         ids = torch.randint(1, 100, (1, 32), device=device)
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
         return dict(model=bert(), kind="dict of tensors", mode="inference", example=example, options={},
-                    budget=4 * MIB, build=lambda b: {key: rows(value, b) for key, value in example.items()})
+                    budget=1 * MIB, build=lambda b: {key: rows(value, b) for key, value in example.items()})
 
     def detector() -> Any:   # as tests/test_any_model.py: 64x64 images, few proposals, a small box head
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -139,19 +139,19 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
 
     def detection_eval() -> dict[str, Any]:
         return dict(model=detector(), kind="Samples (list of images)", mode="inference", example=Samples([image]),
-                    options={}, budget=48 * MIB, build=lambda b: [image.clone() for _ in range(b)])
+                    options={}, budget=64 * MIB, build=lambda b: [image.clone() for _ in range(b)])
 
     def detection_train() -> dict[str, Any]:
         def build(b: int) -> Any:
             return ([image.clone() for _ in range(b)],
                     [{key: value.clone() for key, value in target.items()} for _ in range(b)])
         return dict(model=detector(), kind="Samples + target dicts", mode="train",
-                    example=(Samples([image]), Samples([target])), options={}, budget=96 * MIB, build=build)
+                    example=(Samples([image]), Samples([target])), options={}, budget=112 * MIB, build=build)
 
     def lstm() -> dict[str, Any]:
         x = torch.randn(20, 1, 32, device=device)
         return dict(model=torch.nn.LSTM(32, 64).to(device), kind="batch on dim 1", mode="inference", example=x,
-                    options={"batch_dim": 1}, budget=4 * MIB, build=lambda b: x.expand(20, b, 32).clone())
+                    options={"batch_dim": 1}, budget=MIB // 2, build=lambda b: x.expand(20, b, 32).clone())
 
     def factory() -> dict[str, Any]:
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
@@ -160,7 +160,7 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
         def make_batch(b: int) -> torch.Tensor:
             return torch.rand(b, 3, 32, 32, device=device)
         return dict(model=model.to(device), kind="make_batch(b)", mode="inference", example=None,
-                    options={"make_batch": make_batch}, budget=8 * MIB, build=make_batch)
+                    options={"make_batch": make_batch}, budget=2 * MIB, build=make_batch)
 
     def dataset() -> dict[str, Any]:
         generator = torch.Generator().manual_seed(0)
@@ -171,7 +171,7 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
             return on({"input_ids": ids, "attention_mask": (ids != 0).long()})
         order = sorted(range(len(samples)), key=lambda index: -len(samples[index]))
         return dict(model=bert(128), kind="dataset + collate, largest first", mode="inference", example=None,
-                    options={"dataset": samples, "collate_fn": pad, "largest": len}, budget=6 * MIB,
+                    options={"dataset": samples, "collate_fn": pad, "largest": len}, budget=2 * MIB,
                     build=lambda b: pad([samples[index] for index in order[:b]]))
 
     def t5() -> dict[str, Any]:
@@ -180,7 +180,7 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
         ids = torch.randint(2, 64, (1, 16), device=device)
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return dict(model=transformers.T5ForConditionalGeneration(config).to(device), kind="dict, encoder-decoder",
-                    mode="generate", example=example, options={"max_new_tokens": 4}, budget=2 * MIB,
+                    mode="generate", example=example, options={"max_new_tokens": 4}, budget=1 * MIB,
                     build=lambda b: {key: rows(value, b) for key, value in example.items()})
 
     def batchnorm() -> dict[str, Any]:
@@ -189,7 +189,7 @@ def cases(device: torch.device, scale: float) -> dict[str, Callable[[], dict[str
                                     torch.nn.BatchNorm1d(2))
         x = torch.rand(2, 3, 32, 32, device=device)
         return dict(model=model.to(device), kind="tensor, BatchNorm (min batch 2)", mode="train", example=x,
-                    options={}, budget=8 * MIB, build=lambda b: rows(x[:1], b), min_batch=2)
+                    options={}, budget=4 * MIB, build=lambda b: rows(x[:1], b), min_batch=2)
 
     built = {"bert-dict": bert_dict, "fasterrcnn-eval": detection_eval, "fasterrcnn-train": detection_train,
              "lstm-dim1": lstm, "cnn-make-batch": factory, "bert-dataset": dataset, "t5-generate": t5,
@@ -233,7 +233,7 @@ def main() -> None:
         over = maximum == CAP or independent_peak(case, maximum + 1, torch_device) > case["budget"]
         check = "max fits, max+1 over" if fits and over else f"MISMATCH (fits={fits}, max+1 over={over})"
         search = entry["search"]
-        print(f"| {name} | {case['kind']} | {case['mode']} | {case['budget'] / MIB:.0f} MiB | "
+        print(f"| {name} | {case['kind']} | {case['mode']} | {case['budget'] / MIB:g} MiB | "
               f"{entry['optimal_batch']}/{maximum} | {search['probes']}/{search['ooms']} | {seconds:.1f} s | "
               f"{check} |", flush=True)
         del case, workload

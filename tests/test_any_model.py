@@ -116,7 +116,7 @@ def test_lstm_example_searched_along_dim_0_is_refused_naming_the_shapes_and_the_
 
 def test_lstm_with_batch_dim_1_searches_samples_not_sequence_steps():
     lstm = torch.nn.LSTM(32, 64)
-    budget = 4 * MIB
+    budget = MIB // 2
     workload, result = search(lstm, torch.randn(20, 1, 32), budget=budget, batch_dim=1)
     assert workload.fingerprint()["inputs"] == {"shape": [20, 32], "dtype": "float32", "batch_dim": 1}
     x = torch.randn(20, 1, 32)
@@ -154,7 +154,7 @@ def test_dict_inputs_bert():
     model = transformers.BertModel(config)
     ids = torch.randint(1, 100, (1, 32))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    budget = 4 * MIB
+    budget = 1 * MIB
     _, result = search(model, example, budget=budget)
     assert 4 < result.max_batch < 512
     Independent(model, lambda b: {key: rows(value, b) for key, value in example.items()}).check(
@@ -205,7 +205,7 @@ def test_list_of_images_is_refused_with_a_fix_when_given_as_a_plain_list():
 def test_detection_eval_on_a_list_of_images():
     model = _detector()
     image, _ = _image_and_target()
-    budget = 48 * MIB
+    budget = 64 * MIB
     workload, result = search(model, Samples([image]), budget=budget, cap=64)
     assert workload.fingerprint()["inputs"] == {"samples": [{"shape": [3, 64, 64], "dtype": "float32"}]}
     assert 1 < result.max_batch < 64
@@ -216,14 +216,14 @@ def test_detection_eval_on_a_list_of_images():
 def test_detection_train_with_a_list_of_target_dicts():
     model = _detector()
     image, target = _image_and_target()
-    budget = 96 * MIB
-    _, result = search(model, (Samples([image]), Samples([target])), mode="train", budget=budget, cap=64)
-    assert 1 < result.max_batch < 64
+    budget = 112 * MIB
+    _, result = search(model, (Samples([image]), Samples([target])), mode="train", budget=budget, cap=16)
+    assert 1 < result.max_batch < 16
 
     def build(batch):
         return ([image.clone() for _ in range(batch)],
                 [{key: value.clone() for key, value in target.items()} for _ in range(batch)])
-    Independent(model, build, mode="train").check(result.max_batch, budget, cap=64)
+    Independent(model, build, mode="train").check(result.max_batch, budget, cap=16)
 
 
 # --- a batch factory and a dataset ---------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_batch_factory():
     def make_batch(batch):
         return torch.rand(batch, 3, 32, 32)
 
-    budget = 8 * MIB
+    budget = 2 * MIB
     workload, result = search(model, make_batch=make_batch, budget=budget)
     assert workload.fingerprint()["inputs"]["make_batch"].endswith("make_batch")
     Independent(model, make_batch).check(result.max_batch, budget)
@@ -288,7 +288,7 @@ def test_dataset_with_collate_searches_the_largest_samples_first():
     model = _bert()
     lengths = [8] * 200 + [64] * 200
     dataset = Tokens(lengths)
-    budget = 6 * MIB
+    budget = 2 * MIB
     largest = list(range(200, 400))
     workload, result = search(model, dataset=dataset, collate_fn=pad, largest=largest, budget=budget)
     assert workload.fingerprint()["inputs"]["batch"]["input_ids"]["shape"] == [64]
@@ -332,7 +332,7 @@ def test_encoder_decoder_generate_t5():
     model = transformers.T5ForConditionalGeneration(config)
     ids = torch.randint(2, 64, (1, 16))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    budget = 2 * MIB
+    budget = 1 * MIB
     workload, result = search(model, example, mode="generate", max_new_tokens=4, budget=budget)
     assert workload.fingerprint()["mode"] == "generate" and result.max_batch > 1
 
@@ -350,7 +350,7 @@ def _bn_net():
 
 def test_batchnorm_training_starts_at_the_smallest_batch_the_model_takes():
     model = _bn_net()
-    budget = 8 * MIB
+    budget = 4 * MIB
     workload, result = search(model, torch.rand(2, 3, 32, 32), mode="train", budget=budget)
     assert workload.min_batch == 2 and result.probes[0].batch == 2
     assert workload.fingerprint()["min_batch"] == 2

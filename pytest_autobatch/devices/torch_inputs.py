@@ -197,12 +197,14 @@ def describe(inputs: Any, spec: Any = None) -> Any:
     return _describe(inputs, 0 if spec is None else spec)
 
 
-def _describe(value: Any, spec: Any) -> Any:
+def _describe(value: Any, spec: Any, whole: bool = False) -> Any:
+    """``whole``: inside a Samples list, where every tensor is one sample's, whole."""
     if isinstance(value, Samples):
-        return {"samples": [_describe(item, None) for item in value]}
+        return {"samples": [_describe(item, None, True) for item in value]}
     if isinstance(value, torch.Tensor):
         if spec is None:
-            return {"shape": list(value.shape), "dtype": _dtype_name(value.dtype), "batched": False}
+            whole_tensor = {"shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
+            return whole_tensor if whole else {**whole_tensor, "batched": False}
         dim = spec % max(value.dim(), 1)
         shape = [size for index, size in enumerate(value.shape) if index != dim]
         described: dict[str, Any] = {"shape": shape, "dtype": _dtype_name(value.dtype)}
@@ -210,10 +212,10 @@ def _describe(value: Any, spec: Any) -> Any:
             described["batch_dim"] = dim
         return described
     if isinstance(value, dict):
-        return {str(key): _describe(item, spec.get(key, 0) if isinstance(spec, dict) else spec)
+        return {str(key): _describe(item, spec.get(key, 0) if isinstance(spec, dict) else spec, whole)
                 for key, item in value.items()}
     if isinstance(value, (tuple, list)):
-        return [_describe(item, spec[index] if isinstance(spec, (tuple, list)) else spec)
+        return [_describe(item, spec[index] if isinstance(spec, (tuple, list)) else spec, whole)
                 for index, item in enumerate(value)]
     return value if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
 

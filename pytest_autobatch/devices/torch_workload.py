@@ -402,8 +402,14 @@ class TorchWorkload:
 
     def run_batch(self, batch: int, optimizer: torch.optim.Optimizer | None = None,
                   fake: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Build a batch of ``batch`` samples and run one step on it (what a probe measures)."""
-        self.step(self.source.build(batch, fake), optimizer)
+        """Build a batch of ``batch`` samples and run one step on it (what a probe measures). After a
+        failed training step (an OOM in backward) the gradients it left go, as a next step's would."""
+        try:
+            self.step(self.source.build(batch, fake), optimizer)
+        except BaseException:
+            if self.mode == "train" and fake is None:
+                self.model.zero_grad(set_to_none=True)
+            raise
 
     def resident_tensors(self) -> list[torch.Tensor]:
         return state_tensors(self.model, self.optimizer)

@@ -144,18 +144,20 @@ class Guide:
         return error, limit, resolution
 
     def first_jump(self) -> int:
-        """After batch 1 only: a safe fraction of the start prediction or of capacity / peak(1).
+        """After the first probe only (batch 1, or the smallest batch m the model takes): a safe
+        fraction of the start prediction or of capacity / peak(m) * m.
 
-        Memory at b is at most b * peak(1) for a line, and with up to ``curvature_prior`` of it
-        curved the limit is still at least (1 - curvature_prior) * capacity / peak(1).
+        Memory at b is at most b / m * peak(m) for a line, and with up to ``curvature_prior`` of it
+        curved the limit is still at least (1 - curvature_prior) * capacity / peak(m) * m.
         """
         bracket = self.bracket
         assert bracket.capacity is not None
         self.jumped = True
-        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity / max(bracket.peaks[1], 1))
+        [(first, peak)] = bracket.peaks.items()
+        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity / max(peak, 1) * first)
         if bracket.start is not None:
             safe = max(safe, int(bracket.start * self.tuning.start_safety))
-        return max(safe, 2)
+        return max(safe, first + 1)
 
 
 def predicted_max_batch(predict_peak_bytes: Callable[[int], int | None], capacity_bytes: int,
