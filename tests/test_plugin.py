@@ -448,3 +448,50 @@ def test_github_step_summary_gets_this_runs_verdicts(project, monkeypatch):
     toy = next(line for line in text.splitlines() if line.startswith("| test_models.py::test_toy::toy"))
     assert "**failed**" in toy and "-3" in toy
     assert "- **failed**: toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression:" in text
+
+
+def test_marker_max_latency_limits_the_search_as_the_keyword_does(pytester):
+    test = '''
+        import pytest
+        from pytest_autobatch.devices.simulated import SimulatedModel
+        MODEL = SimulatedModel("toy", weights_bytes=2 * 10**9, activation_bytes_per_sample=5 * 10**7,
+                               flops_per_sample=4e10 / 16)
+
+        @pytest.mark.autobatch({marker})
+        def test_model(optimal_batch):
+            result = optimal_batch(MODEL)
+            print(f"RESULT {{result.optimal_batch}} {{result.entry['max_latency_s']}}")
+    '''
+
+    def optimal(run):
+        line = next(line for line in run.outlines if "RESULT " in line)
+        batch, limit = line.split("RESULT ")[1].split()[:2]
+        return int(batch), limit
+
+    pytester.makepyfile(test_latency=test.format(marker=""))
+    free = pytester.runpytest(*SIM, "-s")
+    free.assert_outcomes(passed=1)
+    free_batch, _ = optimal(free)
+    entry = json.loads(baseline(pytester, "sim-h100").with_name("test_latency.json").read_text())
+    [row] = [row for row in entry["entries"]["test_latency.py::test_model::toy"]["probes"]
+             if row["batch"] == free_batch]
+    limit = row["latency_s"] / 2
+    pytester.makepyfile(test_latency=test.format(marker=f"max_latency_s={limit!r}"))
+    limited = pytester.runpytest(*SIM, "-s", "--autobatch-update")
+    limited.assert_outcomes(passed=1)
+    limited_batch, stored_limit = optimal(limited)
+    assert limited_batch < free_batch and float(stored_limit) == limit
+    entry = json.loads(baseline(pytester, "sim-h100").with_name("test_latency.json").read_text())
+    [row] = [row for row in entry["entries"]["test_latency.py::test_model::toy"]["probes"]
+             if row["batch"] == limited_batch]
+    assert row["latency_s"] <= limit
+    pytester.makepyfile(test_bad_marker='''
+        import pytest
+        @pytest.mark.autobatch(max_latency_s="10ms")
+        def test_bad():
+            pass
+    ''')
+    bad = pytester.runpytest(*SIM, "test_bad_marker.py")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*test_bad: autobatch marker max_latency_s='10ms' (str): max_latency_s must be "
+                              "a number of seconds > 0*"])

@@ -321,3 +321,39 @@ def test_non_oom_errors_while_timing_propagate_unchanged():
     with pytest.raises(ValueError) as caught:
         find_optimal_batch(measure, max_batch=8)
     assert caught.value is error
+
+
+@SEARCH
+@given(simulated_workloads(modes=("inference", "train")), st.sampled_from([64, 1000, 8192]),
+       st.integers(2, 5), st.booleans())
+def test_a_minimum_batch_is_probed_first_and_the_maximum_stays_certified(workload, cap, smallest, capacity):
+    """BatchNorm in training takes no batch of 1: the search starts at ``min_batch``, never below it."""
+    true_max = workload.true_max_batch(cap)
+    capacity_bytes = workload.device.capacity_bytes() if capacity else None
+    if true_max < smallest:
+        with pytest.raises(NoBatchFits, match=f"batch {smallest} \\(the smallest batch the model takes\\)"):
+            find_max_batch(workload.probe, cap=cap, capacity_bytes=capacity_bytes, min_batch=smallest)
+        return
+    result = find_max_batch(workload.probe, cap=cap, capacity_bytes=capacity_bytes, min_batch=smallest)
+    assert result.probes[0].batch == smallest and min(probe.batch for probe in result.probes) == smallest
+    assert result.max_batch == true_max
+    outcomes = {probe.batch: probe.fits for probe in result.probes}
+    assert outcomes[result.max_batch] is True
+    if result.max_batch < cap:
+        assert outcomes[result.max_batch + 1] is False
+
+
+def test_the_optimal_sweep_starts_at_the_minimum_batch():
+    measured = []
+
+    def measure(batch):
+        measured.append(batch)
+        return [min(batch, 40) * 10.0] * 3
+
+    result = find_optimal_batch(measure, max_batch=100, min_batch=3)
+    assert measured[0] == 3 and min(measured) == 3
+    assert 36 <= result.optimal_batch <= 40
+    with pytest.raises(ConfigError, match="max_batch must be an integer >= 3"):
+        find_optimal_batch(measure, max_batch=2, min_batch=3)
+    with pytest.raises(ConfigError, match="cap must be an integer >= 3"):
+        find_max_batch(lambda batch: batch, cap=2, min_batch=3)

@@ -140,45 +140,48 @@ class Guide:
         return error, limit, resolution
 
     def first_jump(self) -> int:
-        """After batch 1 only: a safe fraction of the start prediction or of capacity / peak(1).
+        """After the first probe only (batch 1, or the smallest batch m the model takes): a safe
+        fraction of the start prediction or of capacity / peak(m) * m.
 
-        Memory at b is at most b * peak(1) for a line, and with up to ``curvature_prior`` of it
-        curved the limit is still at least (1 - curvature_prior) * capacity / peak(1).
+        Memory at b is at most b / m * peak(m) for a line, and with up to ``curvature_prior`` of it
+        curved the limit is still at least (1 - curvature_prior) * capacity / peak(m) * m.
         """
         bracket = self.bracket
         assert bracket.capacity is not None
         self.jumped = True
-        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity / max(bracket.peaks[1], 1))
+        [(first, peak)] = bracket.peaks.items()
+        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity / max(peak, 1) * first)
         if bracket.start is not None:
             safe = max(safe, int(bracket.start * self.tuning.start_safety))
-        return max(safe, 2)
+        return max(safe, first + 1)
 
 
 def predicted_max_batch(predict_peak_bytes: Callable[[int], int | None], capacity_bytes: int,
-                        cap: int = 8192, *, predictions: int = 4) -> int | None:
+                        cap: int = 8192, *, predictions: int = 4, smallest: int = 1) -> int | None:
     """The largest batch <= cap predicted to fit ``capacity_bytes`` (a ``start`` for
-    find_max_batch); 0 when even batch 1 is predicted not to fit, None when there is no prediction.
+    find_max_batch); 0 when even batch ``smallest`` (1, or the smallest the model takes) is predicted
+    not to fit, None when there is no prediction.
 
-    Secant steps through (1, peak(1)) and the latest estimate, so a handful of predictions is
+    Secant steps through (smallest, peak(smallest)) and the latest estimate, so a handful of predictions is
     enough (each can cost a second on fake tensors): exact for linear memory, converging to the
     batch whose predicted peak meets the capacity when memory curves.
     """
-    first = predict_peak_bytes(1)
+    first = predict_peak_bytes(smallest)
     if first is None:
         return None
     if first > capacity_bytes:
         return 0
-    estimate = min(16, cap)
+    estimate = min(max(16, smallest + 1), cap)
     for _ in range(predictions - 1):
-        if estimate == 1:
-            return 1
+        if estimate == smallest:
+            return smallest
         predicted = predict_peak_bytes(estimate)
         if predicted is None:
             return None
-        per_sample = (predicted - first) / (estimate - 1)
+        per_sample = (predicted - first) / (estimate - smallest)
         if per_sample <= 0:
             return cap
-        refined = max(1, min(cap, 1 + int((capacity_bytes - first) / per_sample)))
+        refined = max(smallest, min(cap, smallest + int((capacity_bytes - first) / per_sample)))
         if refined == estimate:
             break
         estimate = refined

@@ -84,19 +84,23 @@ class _OomWhileTiming(Exception):
 
 
 def find_optimal_batch(measure: Callable[[int], list[float]], *, max_batch: int, band: float = 0.03,
-                       max_latency_s: float | None = None, tuning: Tuning = DEFAULT) -> OptimalBatchResult:
+                       max_latency_s: float | None = None, min_batch: int = 1,
+                       tuning: Tuning = DEFAULT) -> OptimalBatchResult:
     """The smallest batch within ``band`` of the best throughput, among batches meeting the latency limit.
 
-    A geometric sweep 1, 2, 4, ... max_batch (stopping at the first batch over the latency limit),
-    then a geometric golden-section-like refinement around the best batch (throughput can rise,
-    saturate and fall), then bisection of the crossing into the band.
+    A geometric sweep min_batch (1 unless the model needs more), 2 min_batch, 4 min_batch, ...
+    max_batch (stopping at the first batch over the latency limit), then a geometric
+    golden-section-like refinement around the best batch (throughput can rise, saturate and
+    fall), then bisection of the crossing into the band.
 
     Timing runs more steps than a probe: fragmentation or autotuning can tip a batch at the memory
     edge over. The sweep then starts again below it, reusing what was measured, with the new
     ceiling halfway between the largest batch timed and the one that failed: a few OOMs at most.
     """
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+        raise ConfigError(f"min_batch must be an integer >= 1, got {min_batch!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < min_batch:
+        raise ConfigError(f"max_batch must be an integer >= {min_batch} (min_batch), got {max_batch!r}")
     if not 0 <= band < 1:
         raise ConfigError(f"band must be a fraction in [0, 1) (0.03 = within 3% of the best), "
                           f"got {band!r}")
@@ -116,29 +120,30 @@ def find_optimal_batch(measure: Callable[[int], list[float]], *, max_batch: int,
 
     while True:
         try:
-            result = _optimal_batch(measure_once, max_batch, band, max_latency_s, tuning)
+            result = _optimal_batch(measure_once, max_batch, band, max_latency_s, tuning, min_batch)
         except _OomWhileTiming as oom:
             failed = min(oom_batches)
-            max_batch = (max((b for b in measured if b < failed), default=0) + failed) // 2
-            if max_batch < 1:
-                raise NoBatchFits(f"batch 1 ran out of memory while being timed ({oom.error})") from oom.error
+            max_batch = (max((b for b in measured if b < failed), default=min_batch - 1) + failed) // 2
+            if max_batch < min_batch:
+                raise NoBatchFits(f"batch {min_batch} ran out of memory while being timed ({oom.error})") \
+                    from oom.error
             continue
         result.oom_batches = sorted(oom_batches)
         return result
 
 
 def _optimal_batch(measure: Callable[[int], list[float]], max_batch: int, band: float,
-                   max_latency_s: float | None, tuning: Tuning) -> OptimalBatchResult:
+                   max_latency_s: float | None, tuning: Tuning, min_batch: int = 1) -> OptimalBatchResult:
     sweep = _ThroughputSweep(measure, max_latency_s)
-    batch = 1
+    batch = min_batch
     while True:
         sweep.run(batch)
         if not sweep.feasible(batch) or batch == max_batch:
             break
         batch = min(2 * batch, max_batch)
-    if not sweep.feasible(1):
-        raise ConfigError(f"no batch meets max_latency_s={max_latency_s}: batch 1 takes "
-                          f"{1 / sweep.medians[1]:.4g} s; raise the limit")
+    if not sweep.feasible(min_batch):
+        raise ConfigError(f"no batch meets max_latency_s={max_latency_s}: batch {min_batch} takes "
+                          f"{min_batch / sweep.medians[min_batch]:.4g} s; raise the limit")
     _refine_peak(sweep, tuning.peak_resolution)
     optimal = _refine_crossing(sweep, band, tuning.crossing_resolution)
     best = sweep.best()
