@@ -7,6 +7,7 @@ when one exists; what the re-measurement means is the gate's business (``gate.py
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -112,9 +113,15 @@ def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> 
         paired = measure_paired(batch)
         collected.model.extend(paired.model)
         collected.reference.extend(paired.reference)
-        collected.unsteady.extend(reason for reason in paired.unsteady if reason not in collected.unsteady)
+        kinds = {_kind(reason) for reason in collected.unsteady}
+        collected.unsteady.extend(reason for reason in paired.unsteady if _kind(reason) not in kinds)
         collected.reference_kind = paired.reference_kind
     return collected
+
+
+def _kind(reason: str) -> str:
+    """A reason without its figures: one of each kind is enough in a message."""
+    return re.sub(r"[\d.,]+", "#", reason)
 
 
 def steady_gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int, *, attempts: int,
