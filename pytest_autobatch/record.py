@@ -96,6 +96,7 @@ class GateSamples:
     reference: list[float] = field(default_factory=list)
     unsteady: list[str] = field(default_factory=list)
     reference_kind: dict[str, Any] = field(default_factory=dict)
+    reference_parts: dict[str, list[float]] = field(default_factory=dict)
 
 
 def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> GateSamples:
@@ -113,6 +114,8 @@ def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> 
         paired = measure_paired(batch)
         collected.model.extend(paired.model)
         collected.reference.extend(paired.reference)
+        for part, rates in paired.reference_parts.items():
+            collected.reference_parts.setdefault(part, []).extend(rates)
         kinds = {_kind(reason) for reason in collected.unsteady}
         collected.unsteady.extend(reason for reason in paired.unsteady if _kind(reason) not in kinds)
         collected.reference_kind = paired.reference_kind
@@ -207,6 +210,7 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
         "throughput": throughput,
         "throughput_samples": samples,
         "reference_samples": gate.reference,
+        "reference_parts": gate.reference_parts,
         "reference": gate.reference_kind,
         "batch1_throughput": median(batch1_samples),
         "batch1_throughput_samples": list(batch1_samples),
@@ -243,6 +247,7 @@ class Remeasurement:
     reference_samples: list[float] = field(default_factory=list)
     reference_kind: dict[str, Any] = field(default_factory=dict)
     unsteady: list[str] = field(default_factory=list)
+    reference_parts: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float | None:
@@ -290,4 +295,4 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     return Remeasurement(throughput_samples=gate.model, batch1_throughput_samples=batch1_samples,
                          peak_memory_bytes=peak, oom_batches=oom_batches, fingerprint=workload.fingerprint(),
                          reference_samples=gate.reference, reference_kind=gate.reference_kind,
-                         unsteady=gate.unsteady)
+                         unsteady=gate.unsteady, reference_parts=gate.reference_parts)
