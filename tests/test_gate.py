@@ -194,7 +194,8 @@ def test_a_host_whose_memory_alone_slowed_is_named_not_judged_for_a_memory_bound
     message = check.findings[0].message
     assert re.search(r"the machine's speed changed unevenly since the recording \(compute (0\.9\d|1\.0\d)x, "
                      r"memory 0\.[67]\dx\)", message)
-    assert re.search(r"by part: compute .*, relative to it -[23]\d\.\d%, memory .*, relative to it [+-]\d\.\d%", message)
+    assert re.search(r"by part: compute .*, relative to it -[23]\d\.\d%, memory .*, relative to it [+-]\d\.\d%",
+                     message)
     assert "record its own baselines with pytest --autobatch --autobatch-update" in message
 
 
