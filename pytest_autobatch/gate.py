@@ -10,7 +10,7 @@ busy to judge throughput), whatever --autobatch-inconclusive says.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .devices.base import stable_hash
@@ -79,6 +79,11 @@ class Verdict:
     @property
     def inconclusive(self) -> bool:
         return any(finding.kind == "inconclusive" for finding in self.findings)
+
+    @property
+    def regressed(self) -> bool:
+        """A throughput regression: the finding a second measurement must confirm."""
+        return any(finding.kind == "throughput_regression" for finding in self.findings)
 
 
 def check_entry(entry: dict[str, Any], now: Remeasurement, *, hardware: str,
@@ -337,6 +342,34 @@ def recorded_unsteady_note(key: str, entry: dict[str, Any]) -> Finding | None:
     return Finding("recorded_unsteady", f"{key}: the baseline was recorded while the machine was busy "
                    f"({'; '.join(map(str, reasons))}); its throughput may be off: re-record it on a quiet "
                    "machine with pytest --autobatch --autobatch-update", False)
+
+
+def confirmed(first: Verdict, second: Verdict) -> Verdict:
+    """The verdict of a second measurement taken because the first found a throughput regression.
+
+    A shared machine's speed can move for minutes in a way no reference follows; a real regression
+    is in the model and shows again. Confirmed, it fails with both figures; not confirmed, the
+    throughput verdict is inconclusive (the two measurements disagree), and the second's OOM and
+    memory findings stand.
+    """
+    if second.regressed:
+        findings = [Finding(f.kind, f"{f.message}; a second measurement confirmed it (the first: {first.change:+.1%})",
+                            f.failed, f.next_step) if f.kind == "throughput_regression" else f
+                    for f in second.findings]
+        return replace(second, findings=findings)
+    regression = next(finding for finding in first.findings if finding.kind == "throughput_regression")
+    who = regression.message.split(": throughput regression:")[0]
+    kept = [finding for finding in second.findings if finding.kind not in ("inconclusive", "improvement", "noisy")]
+    disagree = Finding(
+        "inconclusive", f"{who}: throughput inconclusive: a first measurement read a regression "
+        f"({first.change:+.1%}), a second taken right after it did not ({_signed(second.change)}), so the "
+        "machine's speed moved between them", False,
+        "Run the gate on a quiet machine, or choose --autobatch-inconclusive=retry or fail")
+    return Verdict(kept + [disagree], second.change, second.raw_change, second.machine_speed)
+
+
+def _signed(change: float | None) -> str:
+    return "not measured" if change is None else f"{change:+.1%}"
 
 
 def inconclusive_as_failure(verdict: Verdict) -> Verdict:

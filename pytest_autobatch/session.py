@@ -24,6 +24,7 @@ from .gate import (
     Finding,
     Verdict,
     check_entry,
+    confirmed,
     hardware_note,
     inconclusive_as_failure,
     recorded_unsteady_note,
@@ -322,7 +323,8 @@ class AutobatchSession:
 
     def _judge(self, workload: Workload, entry: dict[str, Any]) -> tuple[Remeasurement, Verdict]:
         """Re-measure and gate; with --autobatch-inconclusive=retry, again after a pause while the
-        machine is too busy to judge throughput; with =fail, an inconclusive verdict fails."""
+        machine is too busy to judge throughput; a throughput regression is measured once more to
+        confirm it (``gate.confirmed``); with =fail, an inconclusive verdict fails."""
         policy = self.settings.inconclusive
 
         def judged() -> tuple[Remeasurement, Verdict]:
@@ -331,10 +333,16 @@ class AutobatchSession:
                                     tolerance=self.settings.tolerance,
                                     memory_tolerance=self.settings.memory_tolerance)
 
+        progress = self.progress or silent
         now, verdict = measure_until_steady(
             judged, lambda result: "the machine is busy" if result[1].inconclusive else "",
             attempts=STEADY_ATTEMPTS if policy == "retry" else 1, pause_s=self.settings.steady_pause_s,
-            progress=self.progress or silent)
+            progress=progress)
+        if verdict.regressed:
+            progress(f"throughput regression ({verdict.change:+.1%}): measuring again to confirm it")
+            first = verdict
+            now, verdict = judged()
+            verdict = confirmed(first, verdict)
         return now, inconclusive_as_failure(verdict) if policy == "fail" else verdict
 
     def _batch_result(self, key: str, entry: dict[str, Any], **figures: Any) -> BatchResult:

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -246,3 +247,39 @@ def test_timing_targets_are_not_judged_on_a_busy_machine_but_memory_is(tmp_path)
     result.expect(min_speedup=1e9, min_throughput=1e12, max_latency_s=1e-9)   # not judged: too busy
     with pytest.raises(AssertionError, match="peak memory"):
         result.expect(min_speedup=1e9, max_memory_bytes=1)
+
+
+def test_a_throughput_regression_fails_only_when_a_second_measurement_confirms_it(tmp_path):
+    session(tmp_path).run("t.py::test_a", MODEL)
+    quiet = counting()
+    busy_session(tmp_path, quiet).run("t.py::test_a", MODEL)
+    slower = counting(slowdown=1.5)
+    result = busy_session(tmp_path, slower).run("t.py::test_a", MODEL)
+    assert result.failed and [f.kind for f in result.findings] == ["throughput_regression"]
+    assert "a second measurement confirmed it (the first: -3" in result.findings[0].message
+    assert slower.paired == 2 * quiet.paired
+
+
+def test_a_regression_a_second_measurement_does_not_show_is_inconclusive(tmp_path):
+    session(tmp_path).run("t.py::test_a", MODEL)
+    quiet = counting()
+    busy_session(tmp_path, quiet).run("t.py::test_a", MODEL)
+    passing = counting(slowdown=1.5)
+    workload = passing.workload
+
+    def slow_for_one_measurement(model, example_input=None, *, mode="inference", **options):
+        made = workload(model, example_input, mode=mode, **options)
+        measure_paired = made.measure_paired
+
+        def measured(batch):
+            samples = measure_paired(batch)
+            if passing.paired == quiet.paired:
+                passing.slowdown = 1.0    # what slowed the first measurement has passed
+            return samples
+        made.measure_paired = measured
+        return made
+    passing.workload = slow_for_one_measurement
+    result = busy_session(tmp_path, passing).run("t.py::test_a", MODEL)
+    assert not result.failed and [f.kind for f in result.findings] == ["inconclusive"]
+    assert re.search(r"a first measurement read a regression \(-3\d\.\d%\), a second taken right after it did not "
+                     r"\([+-]\d\.\d%\)", result.findings[0].message)
