@@ -2,9 +2,9 @@
 from a slower model.
 
 It has two parts, timed apart: ``compute``, a GEMM at the model's dtype small enough to run from
-the caches (what compute-bound layers do), and ``memory``, a read-and-write pass over buffers
-several times larger than a server's last-level cache (what memory-bound layers do, and what a
-model does that streams weights larger than the caches, such as ViT-B at a small image size).
+the caches (what compute-bound layers do), and ``memory``, elementwise passes over buffers larger
+than a VM's share of the last-level cache (what memory-bound layers do, and what a model does
+that streams weights larger than the caches, such as ViT-B at a small image size).
 A shared host can change one without the other: on this project's 2-core VM a neighbour's memory
 traffic slowed ViT-B/16 by 29% over an afternoon while the GEMM ran as fast as before. Timed
 apart, the parts bound how much the machine alone can explain (``gate``); adding many tiny ops
@@ -20,7 +20,7 @@ import torch
 
 #: GEMM size and bytes per elementwise buffer (three buffers) per device type: each part of a
 #: unit takes a few ms on a 2-core CPU and well under 1 ms on a datacenter GPU.
-_SIZES = {"cpu": (576, 32 << 20), "cuda": (4096, 128 << 20)}
+_SIZES = {"cpu": (576, 16 << 20), "cuda": (4096, 128 << 20)}
 PARTS = ("compute", "memory")
 
 
@@ -52,6 +52,7 @@ def make_reference(device: torch.device, dtype: torch.dtype) -> dict[str, Callab
     def memory() -> None:
         with torch.inference_mode():
             torch.add(x, y, alpha=0.5, out=z)
+            torch.mul(z, y, out=z)
 
     parts = {"compute": compute, "memory": memory}
     for unit in parts.values():
