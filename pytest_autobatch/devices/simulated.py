@@ -132,6 +132,9 @@ class SimulatedModel:
     falloff: float = 0.0  # slowdown per knee_batch past the knee
     prediction_error: float = 0.1  # signed relative error of predict_peak_bytes on batch-dependent memory
     seed: int = 0  # seeds the memory jitter
+    token_bytes: float = 0.0  # per sample and token of a sequence (KV cache, activations): see at_length
+    token_squared_bytes: float = 0.0  # per sample and token squared (attention scores over the prompt)
+    flops_per_token: float = 0.0  # per sample and token
 
     def __post_init__(self) -> None:
         for field in ("weights_bytes", "activation_bytes_per_sample", "curvature_bytes", "workspace_bytes",
@@ -151,9 +154,24 @@ class SimulatedModel:
         if self.knee_batch is not None and self.knee_batch < 1:
             raise ConfigError(f"SimulatedModel {self.name!r}: knee_batch must be >= 1 or None, "
                               f"got {self.knee_batch!r}")
+        for field in ("token_bytes", "token_squared_bytes", "flops_per_token"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ConfigError(f"SimulatedModel {self.name!r}: {field} must be a number >= 0, got {value!r}")
         if self.activation_bytes_per_sample == 0 and self.curvature_bytes == 0:
             raise ConfigError(f"SimulatedModel {self.name!r}: memory must grow with the batch; "
                               f"set activation_bytes_per_sample or curvature_bytes > 0")
+
+    def at_length(self, tokens: int) -> SimulatedModel:
+        """This model on sequences of ``tokens`` tokens: per-sample memory grows by ``token_bytes``
+        per token and ``token_squared_bytes`` per token squared, the work by ``flops_per_token``."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ConfigError(f"SimulatedModel {self.name!r}: a length must be a positive integer "
+                              f"number of tokens, got {tokens!r}")
+        grown = self.token_bytes * tokens + self.token_squared_bytes * tokens * tokens
+        return dataclasses.replace(self, name=f"{self.name}@{tokens}",
+                                   activation_bytes_per_sample=int(self.activation_bytes_per_sample + grown),
+                                   flops_per_sample=self.flops_per_sample + self.flops_per_token * tokens)
 
 
 def model_for_max_batch(profile: GpuProfile | str, max_batch: float, *, weights_fraction: float,
