@@ -2,24 +2,23 @@
 
 ``record_frontier`` searches the maximum batch at every (prompt tokens, new tokens) point with
 ``search.frontier.find_frontier`` (the searches share what they learnt), times the optimal batch
-at each, and returns one baseline entry: its top-level figures are the longest point's (the worst
-case, what a fixed-size deployment must survive) and ``frontier`` holds a row per point.
+at each, and returns one baseline entry: its top-level figures are the longest point's, recorded
+as any entry (the worst case, what a fixed-size deployment must survive, and what the gate
+re-times), and ``frontier`` holds a row per point.
 ``frontier_ooms`` re-runs every stored point's batches for the gate. Torch is imported only to
 make token inputs; a ``SimulatedModel`` takes its lengths through ``SimulatedModel.at_length``.
 """
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from typing import Any
 
-from .devices.base import Device, Workload, stable_hash
+from .devices.base import Device, Workload
 from .errors import ConfigError, catch_oom
-from .record import DEFAULT_CAP, DEFAULT_OPTIMAL_BAND, smallest_batch
-from .search import find_optimal_batch, predicted_max_batch
+from .record import DEFAULT_CAP, DEFAULT_OPTIMAL_BAND, Progress, record_entry, smallest_batch
+from .search import Probe, find_optimal_batch
 from .search.frontier import Point, find_frontier, frontier_points
-from .stats import median
 
 
 def check_points(model: Any, prompt_tokens: Any, new_tokens: Any = (0,)) -> list[Point]:
@@ -75,51 +74,44 @@ def point_workload(device: Device, model: Any, point: Point, *, mode: str, text:
 
 def record_frontier(device: Device, model: Any, *, name: str, prompt_tokens: Any, new_tokens: Any = (0,),
                     mode: str = "generate", cap: int | None = None, band: float = DEFAULT_OPTIMAL_BAND,
-                    text: Any = None, tokenizer: Any = None, **options: Any) -> dict[str, Any]:
-    """Search the frontier and return its baseline entry (see the module docstring)."""
+                    progress: Progress | None = None, text: Any = None, tokenizer: Any = None,
+                    **options: Any) -> dict[str, Any]:
+    """Search the frontier and return its baseline entry (see the module docstring).
+
+    The longest point is recorded as any entry is (``record.record_entry``: the gate's samples, the
+    speedup, the targets); its probes then start the frontier, which searches the other points."""
     points = check_points(model, prompt_tokens, new_tokens)
     cap = DEFAULT_CAP if cap is None else cap
-    began = time.perf_counter()
     workloads = {point: point_workload(device, model, point, mode=mode, text=text, tokenizer=tokenizer,
                                        **options) for point in points}
     try:
         longest = max(points, key=sum)
-        capacity = device.capacity_bytes()
+        entry = record_entry(device, workloads[longest], model=name, cap=cap, band=band, progress=progress)
+        searched = {longest: (entry["max_batch"], [Probe(row["batch"], row["peak_bytes"])
+                                                   for row in entry["probes"] if row["peak_bytes"] is not None
+                                                   or row["outcome"] == "oom"])}
         smallest = smallest_batch(workloads[longest])
-        start = (predicted_max_batch(workloads[longest].predict_peak_bytes, capacity, cap, smallest=smallest)
-                 if capacity else None)
-        frontier = find_frontier(lambda point: workloads[point].probe, points, cap=cap, capacity_bytes=capacity,
-                                 start=start or None, min_batch=smallest,
+        frontier = find_frontier(lambda point: workloads[point].probe, points, cap=cap,
+                                 capacity_bytes=device.capacity_bytes(), min_batch=smallest, searched=searched,
                                  predict_at=lambda point: workloads[point].predict_peak_bytes)
         rows: list[dict[str, Any]] = []
         for found in frontier.points:
             point = (found.prompt_tokens, found.new_tokens)
-            optimal = find_optimal_batch(workloads[point].measure, max_batch=found.max_batch, band=band,
-                                         min_batch=smallest)
-            peaks = {probe.batch: probe.peak_bytes for probe in found.probes}
+            if point == longest:
+                optimal_batch, throughput = entry["optimal_batch"], entry["throughput"]
+            else:
+                optimal = find_optimal_batch(workloads[point].measure, max_batch=found.max_batch, band=band,
+                                             min_batch=smallest)
+                optimal_batch, throughput = optimal.optimal_batch, optimal.throughput
             rows.append({"prompt_tokens": point[0], "new_tokens": point[1], "max_batch": found.max_batch,
-                         "optimal_batch": optimal.optimal_batch, "throughput": optimal.throughput,
-                         "tokens_per_s": optimal.throughput * max(point[1], 1),
-                         "max_batch_peak_memory_bytes": peaks[found.max_batch],
-                         "probes": len(found.probes), "ooms": found.ooms})
-        worst = next(row for row in rows if (row["prompt_tokens"], row["new_tokens"]) == longest)
-        samples = workloads[longest].measure(worst["optimal_batch"])
-        fingerprint = workloads[longest].fingerprint()
+                         "optimal_batch": optimal_batch, "throughput": throughput,
+                         "tokens_per_s": throughput * max(point[1], 1), "probes": len(found.probes),
+                         "ooms": found.ooms})
     finally:
         for workload in workloads.values():
             workload.close()
-    return {
-        "model": name, "device": device.name, "mode": mode,
-        "model_fingerprint": fingerprint, "model_fingerprint_hash": stable_hash(fingerprint),
-        "optimal_batch": worst["optimal_batch"], "max_batch": worst["max_batch"], "cap": cap,
-        "optimal_band": band, "throughput": median(samples), "throughput_samples": samples,
-        "peak_memory_bytes": None, "max_batch_peak_memory_bytes": worst["max_batch_peak_memory_bytes"],
-        "capacity_bytes": frontier.capacity_bytes,
-        "search": {"probes": frontier.probes, "ooms": frontier.ooms,
-                   "seconds": round(time.perf_counter() - began, 3)},
-        "frontier": rows,
-        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    entry["frontier"] = rows
+    return entry
 
 
 def frontier_ooms(device: Device, model: Any, entry: dict[str, Any], *, mode: str = "generate",
@@ -140,3 +132,35 @@ def frontier_ooms(device: Device, model: Any, entry: dict[str, Any], *, mode: st
         finally:
             workload.close()
     return failed
+
+
+#: The options of ``optimal_batch(...)`` that make a frontier rather than a single search.
+SWEEP_OPTIONS = ("prompt_tokens", "new_tokens", "text", "tokenizer")
+
+
+@dataclass
+class LengthSweep:
+    """What a test asked a frontier of: the session records it, or gates its stored points."""
+
+    model: Any
+    mode: str
+    lengths: dict[str, Any]   # SWEEP_OPTIONS given
+    options: dict[str, Any] = field(default_factory=dict)   # the workload's own
+
+    @property
+    def longest(self) -> Point:
+        return max(check_points(self.model, self.lengths["prompt_tokens"], self.lengths.get("new_tokens", (0,))),
+                   key=sum)
+
+    def workload(self, device: Device) -> Workload:
+        """The longest point's workload: the entry's top-level figures are measured there."""
+        inputs = {key: self.lengths.get(key) for key in ("text", "tokenizer")}
+        return point_workload(device, self.model, self.longest, mode=self.mode, **inputs, **self.options)
+
+    def record(self, device: Device, *, name: str, cap: int | None, progress: Progress | None) -> dict[str, Any]:
+        return record_frontier(device, self.model, name=name, mode=self.mode, cap=cap, progress=progress,
+                               **self.lengths, **self.options)
+
+    def ooms(self, device: Device, entry: dict[str, Any]) -> list[tuple[Point, int]]:
+        inputs = {key: self.lengths.get(key) for key in ("text", "tokenizer")}
+        return frontier_ooms(device, self.model, entry, mode=self.mode, **inputs, **self.options)

@@ -4,9 +4,12 @@ length, checked input, a schema-valid entry, gated at every stored point, read b
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 
 import pytest
+
+pytest_plugins = ["pytester"]
 
 from pytest_autobatch.api import stored_optimal_batch
 from pytest_autobatch.baselines import BaselineStore
@@ -176,7 +179,7 @@ def test_the_entry_has_a_row_per_length_and_the_longest_on_top(recorded):
     assert rows[(128, 32)]["max_batch"] > rows[(512, 32)]["max_batch"] > rows[(1024, 32)]["max_batch"]
     assert entry["max_batch"] == rows[(1024, 32)]["max_batch"]
     assert entry["optimal_batch"] == rows[(1024, 32)]["optimal_batch"]
-    assert entry["search"]["probes"] == sum(row["probes"] for row in entry["frontier"])
+    assert entry["throughput"] == rows[(1024, 32)]["throughput"] and entry["reference_samples"]
     assert all(row["tokens_per_s"] == row["throughput"] * 32 for row in entry["frontier"])
 
 
@@ -220,3 +223,33 @@ def test_production_code_reads_the_nearest_length_at_or_above(tmp_path, recorded
         read(length=2000)
     with pytest.raises(ConfigError, match="length must be a positive integer"):
         read(length=0)
+
+
+FRONTIER_TEST = '''
+from pytest_autobatch.devices.simulated import SimulatedModel
+
+LLM = SimulatedModel("llm", weights_bytes=14 << 30, activation_bytes_per_sample=2 << 20, flops_per_sample=1e9,
+                     token_bytes=512 << 10, token_squared_bytes=300)
+
+
+def test_llm(optimal_batch):
+    result = optimal_batch(LLM, mode="generate", name="llm", prompt_tokens=[128, 512, 1024], new_tokens=[32])
+    assert result.max_batch == result.entry["frontier"][-1]["max_batch"]
+'''
+
+
+def test_the_plugin_records_a_frontier_and_gates_every_stored_length(pytester, outside_xdist):
+    pytester.makepyfile(test_llm=FRONTIER_TEST)
+    pytester.runpytest("--autobatch", "--autobatch-device=sim:h100").assert_outcomes(passed=1)
+    path = pytester.path / "baselines" / "sim-h100" / "test_llm.json"
+    document = json.loads(path.read_text())
+    entry = document["entries"]["test_llm.py::test_llm::llm"]
+    assert [(row["prompt_tokens"], row["new_tokens"]) for row in entry["frontier"]] == [(128, 32), (512, 32),
+                                                                                       (1024, 32)]
+    pytester.runpytest("--autobatch", "--autobatch-device=sim:h100").assert_outcomes(passed=1)
+    # A stored batch at the shortest length that no longer fits fails the test, though the longest is fine.
+    entry["frontier"][0]["max_batch"] = 4 * entry["frontier"][0]["max_batch"]
+    path.write_text(json.dumps(document))
+    failed = pytester.runpytest("--autobatch", "--autobatch-device=sim:h100")
+    failed.assert_outcomes(failed=1)
+    failed.stdout.fnmatch_lines(["*out of memory at the stored batch * for 128 prompt tokens and 32 new tokens*"])

@@ -246,14 +246,16 @@ class _PointSearch:
 
 def find_frontier(probe_at: ProbeAt, points: Sequence[Point], *, cap: int = 8192,
                   capacity_bytes: int | None = None, start: int | None = None, min_batch: int = 1,
-                  predict_at: PredictAt | None = None, tuning: Tuning = DEFAULT) -> FrontierResult:
+                  predict_at: PredictAt | None = None, searched: dict[Point, tuple[int, list[Probe]]] | None = None,
+                  tuning: Tuning = DEFAULT) -> FrontierResult:
     """The exact maximum batch at every point; see the module docstring.
 
     ``probe_at(point)`` returns that point's ``probe(b)`` (peak bytes, or an OOM raised); ``start``
     is a predicted maximum batch at the longest point. ``predict_at(point)``, where the workload
     predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), tells the model how
-    memory scales between lengths before two have been measured. Raises NoBatchFits naming the point when
-    ``min_batch`` does not fit there.
+    memory scales between lengths before two have been measured. ``searched`` holds points the
+    caller has already searched (their maximum batch and probes), taken as they are. Raises
+    NoBatchFits naming the point when ``min_batch`` does not fit there.
     """
     if not points:
         raise ConfigError("a frontier needs at least one (prompt_tokens, new_tokens) point")
@@ -262,19 +264,23 @@ def find_frontier(probe_at: ProbeAt, points: Sequence[Point], *, cap: int = 8192
     capacity = capacity_bytes
     found: dict[Point, FrontierPoint] = {}
     for point in search_order(points):
-        lower = max((done.max_batch for other, done in found.items() if _at_least(other, point)), default=None)
-        upper = min((done.max_batch for other, done in found.items() if _at_least(point, other)), default=cap)
-        search = _PointSearch(point, probe_at(point), Bracket(cap, capacity, None))
-        predicted = _guess(search, memory, lower, upper, min_batch, tuning.start_safety)
-        try:
-            max_batch = search.finish(search.bracket.low or lower or start, min_batch, tuning)
-        except NoBatchFits as error:
-            raise NoBatchFits(f"at {point[0]} prompt tokens and {point[1]} new tokens: {error}") from None
-        capacity = search.bracket.capacity
-        for probe in search.bracket.probes:
+        if searched and point in searched:
+            max_batch, probes = searched[point]
+            found[point] = FrontierPoint(point[0], point[1], max_batch, probes, None)
+        else:
+            lower = max((done.max_batch for other, done in found.items() if _at_least(other, point)), default=None)
+            upper = min((done.max_batch for other, done in found.items() if _at_least(point, other)), default=cap)
+            search = _PointSearch(point, probe_at(point), Bracket(cap, capacity, None))
+            predicted = _guess(search, memory, lower, upper, min_batch, tuning.start_safety)
+            try:
+                max_batch = search.finish(search.bracket.low or lower or start, min_batch, tuning)
+            except NoBatchFits as error:
+                raise NoBatchFits(f"at {point[0]} prompt tokens and {point[1]} new tokens: {error}") from None
+            capacity = search.bracket.capacity
+            found[point] = FrontierPoint(point[0], point[1], max_batch, search.bracket.probes, predicted)
+        for probe in found[point].probes:
             if probe.peak_bytes is not None:
                 memory.add(probe.batch, sum(point), probe.peak_bytes)
-        found[point] = FrontierPoint(point[0], point[1], max_batch, search.bracket.probes, predicted)
     return FrontierResult([found[point] for point in dict.fromkeys(points)], capacity)
 
 
