@@ -253,3 +253,15 @@ def test_the_plugin_records_a_frontier_and_gates_every_stored_length(pytester, o
     failed = pytester.runpytest("--autobatch", "--autobatch-device=sim:h100")
     failed.assert_outcomes(failed=1)
     failed.stdout.fnmatch_lines(["*out of memory at the stored batch * for 128 prompt tokens and 32 new tokens*"])
+
+
+def test_the_report_shows_the_frontier_as_a_table_and_a_plot(tmp_path, recorded):
+    pytest.importorskip("matplotlib")
+    from pytest_autobatch.report.markdown import write_report
+
+    BaselineStore(tmp_path / "baselines", "sim-h100", {"device": "sim:h100"}).put("t.py::test_llm::llm", recorded)
+    report = write_report(tmp_path / "baselines", tmp_path / "reports").read_text()
+    assert "## llm (generate) on `sim-h100`: batch by length" in report
+    for row in recorded["frontier"]:
+        assert f"| {row['prompt_tokens']} + 32 | {row['max_batch']} | {row['optimal_batch']} |" in report
+    assert list((tmp_path / "reports" / "plots").glob("*.png"))
