@@ -4,8 +4,10 @@ Memory at batch b (bytes the caching allocator reserves, excluding the CUDA cont
     weights + workspace + activations * b + curvature * b**2 + jitter(b), rounded up to 2 MiB blocks.
 A batch fits when that is at most the device's capacity (total memory minus the CUDA context);
 otherwise ``probe`` and ``measure`` raise ``errors.OutOfMemory`` with limit="simulated", as the
-CUDA path does. The jitter is a seeded, deterministic function of the batch of at most one
-sample's activations, so memory stays monotone and "the largest batch that fits" is well defined.
+CUDA path does. A sequence model's activations grow per token and per token squared
+(``SimulatedModel.at_length``: the model on sequences of that many tokens). The jitter is a
+seeded, deterministic function of the batch of at most one sample's activations, so memory stays
+monotone and "the largest batch that fits" is well defined.
 
 Time per step (roofline with launch overhead): kernels * launch overhead + the larger of
 (weights + activation traffic) / memory bandwidth and FLOPs / (peak FLOP/s * utilisation).

@@ -5,15 +5,17 @@ sequence). The searches at the points share what they learnt, in three ways:
 
 - **Bounds.** The maximum batch does not grow with length: a point at least as long in both
   coordinates as one already searched takes no larger a batch, a shorter one no smaller.
-- **A memory model in tokens.** Every peak measured at every point is fitted as
-  ``static + b * (per_sample + per_token * T + per_token_squared * T**2)`` over the batch ``b`` and
-  the tokens ``T`` (as many terms as the lengths measured so far can tell apart), and the model's
-  limit at the next point is probed first, then the batch above it: two probes and one OOM when the
-  model is right. The first peak at a point pins that point's own memory per sample, so a second
-  guess aims with it.
-- **The order.** The longest point first (the worst case, searched in full by ``find_max_batch``),
-  then the shortest, then each time the point farthest in tokens from those done, so that the
-  model interpolates rather than extrapolates.
+- **A memory model in tokens.** Every peak measured at every point is fitted as ``static + b *
+  (per_sample + per_token * T + per_token_squared * T**2) + squared * b**2`` over the batch ``b``
+  and the tokens ``T`` (as many terms as the lengths and peaks measured so far can tell apart);
+  before two lengths are measured, the workload's own predictions (``predict_at``) say how memory
+  per sample scales with length. The model's limit at the next point is probed first, then the
+  batch above it: two probes and one OOM when the model is right. A guess the model cannot vouch
+  for is checked below first, and the first peak at a point pins that point's own memory per
+  sample, so the next guess aims with it.
+- **The order.** The longest point first (the worst case; from ``start`` or the predictions alone,
+  or as the caller ``searched`` it), then the shortest, then each time the point farthest in
+  tokens from those done, so that the model interpolates rather than extrapolates.
 
 When a few guesses at a point have not closed its bracket, ``find_max_batch`` finishes from there
 (started at the latest prediction, capped below the smallest OOM seen at that point), with the
