@@ -132,7 +132,8 @@ def cpu(budget_mib: int) -> None:
     def workload_at(point: Point) -> Any:
         return point_workload(device, model, point, mode="generate", timing=timing)
 
-    rows = compare(frontier_points(prompts, new_tokens), workload_at, device.capacity_bytes(), 1024)
+    # The CPU device's capacity is its budget.
+    rows = compare(frontier_points(prompts, new_tokens), workload_at, budget_mib * MIB, 1024)
     print(f"Llama-style LM (2 layers, hidden 128, vocab 1024, random weights), greedy generation of "
           f"{new_tokens[0]} tokens, CPU under a {budget_mib} MiB budget\n")
     print("| prompt + new tokens | max batch (frontier) | independent search | probes (frontier) | OOMs (frontier) "
