@@ -42,6 +42,8 @@ def test_model(name, optimal_batch, autobatch_device):
         assert 1 <= result.optimal_batch <= result.max_batch
         result.expect_targets()
         return
+    if size_class(device) not in spec.runs_on:
+        pytest.skip(f"{name} runs on {' and '.join(spec.runs_on)} devices only")
     model, example_input, options = spec.build(device)
     on_cpu = size_class(device) == "cpu"
     if on_cpu:

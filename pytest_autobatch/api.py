@@ -2,6 +2,7 @@
 
     from pytest_autobatch import stored_optimal_batch
     batch = stored_optimal_batch("resnet50", baselines_dir="baselines", default=32)
+    batch = stored_optimal_batch("llama", length=prompt_tokens + new_tokens, default=1)   # a frontier
 
 No pytest and no search here. The hardware key comes from the device (torch is imported only for
 cpu/cuda/auto, to fingerprint the hardware) unless it is passed in.
@@ -44,15 +45,40 @@ def stored_entry(name: str, baselines_dir: str | os.PathLike[str] = "baselines",
 
 def stored_optimal_batch(name: str, baselines_dir: str | os.PathLike[str] = "baselines",
                          device: str = "auto", default: int = _NO_DEFAULT, *,
-                         hardware_key: str | None = None) -> int:
+                         hardware_key: str | None = None, length: int | None = None) -> int:
     """The optimal batch CI stored for ``name`` on this hardware; ``default`` for unknown hardware.
 
-    Without a default, a missing baseline raises ConfigError saying how to record one.
+    ``length`` (tokens, prompt plus new) reads a frontier entry: the row of the nearest stored
+    length at or above it, never a batch measured on shorter inputs. Without a default, a missing
+    baseline raises ConfigError saying how to record one.
     """
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ConfigError(f"length must be a positive integer number of tokens (prompt plus new), got {length!r}")
     entry = stored_entry(name, baselines_dir, device, hardware_key=hardware_key)
     if entry is not None:
-        return int(entry["optimal_batch"])
+        return int((entry if length is None else frontier_row(entry, length, name))["optimal_batch"])
     if default is not _NO_DEFAULT:
         return default
     raise ConfigError(f"no baseline for {name!r} in {baselines_dir} for this hardware: record one with "
                       f"pytest --autobatch on it, or pass default=<batch> for unknown hardware")
+
+
+def frontier_row(entry: dict[str, Any], length: int, name: str) -> dict[str, Any]:
+    """The row of ``entry``'s frontier at the nearest stored length (prompt plus new tokens) at or
+    above ``length``, the smaller optimal batch where two rows tie; ConfigError when there is none."""
+    rows = entry.get("frontier")
+    if not rows:
+        raise ConfigError(f"the baseline of {name!r} was recorded at one length, not as a frontier: record "
+                          f"it with prompt_tokens=[...] to ask for length={length}, or leave length out")
+    covering = [row for row in rows if _tokens(row) >= length]
+    if not covering:
+        longest = max(_tokens(row) for row in rows)
+        raise ConfigError(f"the frontier of {name!r} stops at {longest} tokens, short of length={length}: a batch "
+                          f"measured on shorter inputs could run out of memory; record the frontier up to "
+                          f"{length} tokens")
+    nearest = min(_tokens(row) for row in covering)
+    return min((row for row in covering if _tokens(row) == nearest), key=lambda row: row["optimal_batch"])
+
+
+def _tokens(row: dict[str, Any]) -> int:
+    return int(row["prompt_tokens"]) + int(row["new_tokens"])

@@ -121,6 +121,14 @@ def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str) -> li
     return findings
 
 
+def frontier_oom_findings(ooms: list[tuple[tuple[int, int], int]], who: str) -> list[Finding]:
+    """A failed ``oom`` finding per stored frontier point whose batch now runs out of memory
+    (``lengths.frontier_ooms``): the frontier is gated at every length, not just the longest."""
+    return [Finding("oom", f"{who}: out of memory at the stored batch {batch} for {prompt} prompt tokens and "
+                    f"{new} new tokens; the model now needs more memory or the device has less free",
+                    True, _MEMORY_NEXT_STEP) for (prompt, new), batch in ooms]
+
+
 def _stored_reference(entry: dict[str, Any], now: Remeasurement) -> tuple[list[float] | None, str]:
     """The entry's reference samples when they can be compared with this run's, else why not."""
     stored = entry.get("reference_samples")

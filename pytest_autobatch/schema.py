@@ -133,6 +133,29 @@ def _probes(field: str, value: Any) -> None:
                 _non_negative(f"{where}.{name}", row[name])
 
 
+def _frontier(field: str, value: Any) -> None:
+    """A row per length: positive prompt tokens, new tokens >= 0, optimal <= max batch, each
+    length once."""
+    if not isinstance(value, list) or not value:
+        raise EntryProblem(field, value, "must be a non-empty list of rows, one per length")
+    lengths = set()
+    for index, row in enumerate(value):
+        where = f"{field}[{index}]"
+        _object(where, row)
+        _batch(f"{where}.prompt_tokens", row.get("prompt_tokens"))
+        _count(f"{where}.new_tokens", row.get("new_tokens"))
+        _batch(f"{where}.max_batch", row.get("max_batch"))
+        _batch(f"{where}.optimal_batch", row.get("optimal_batch"))
+        _positive(f"{where}.throughput", row.get("throughput"))
+        if row["optimal_batch"] > row["max_batch"]:
+            raise EntryProblem(f"{where}.optimal_batch", row["optimal_batch"],
+                               f"is above the row's max_batch of {row['max_batch']}")
+        length = (row["prompt_tokens"], row["new_tokens"])
+        if length in lengths:
+            raise EntryProblem(where, row, "repeats a length of another row")
+        lengths.add(length)
+
+
 def _targets(field: str, value: Any) -> None:
     _object(field, value)
     for name in ("min_speedup", "max_latency_s"):
@@ -168,6 +191,7 @@ _FIELDS: dict[str, tuple[bool, bool, Check]] = {
     "search": (False, True, _search),
     "probes": (False, True, _probes),
     "targets": (False, True, _targets),
+    "frontier": (False, True, _frontier),
     "recorded_at": (False, True, _text),
 }
 

@@ -25,11 +25,13 @@ from .gate import (
     Verdict,
     check_entry,
     confirmed,
+    frontier_oom_findings,
     hardware_note,
     inconclusive_as_failure,
     recorded_unsteady_note,
     settings_note,
 )
+from .lengths import SWEEP_OPTIONS, LengthSweep
 from .record import (
     DEFAULT_CAP,
     STEADY_ATTEMPTS,
@@ -249,13 +251,21 @@ class AutobatchSession:
             **options: Any) -> BatchResult:
         """The result for ``model`` in test ``nodeid``: searched once per session, else from the baseline."""
         check_call(name=name, cap=cap, max_latency_s=max_latency_s, mode=mode)
+        sweep = None
+        if "prompt_tokens" in options:   # a frontier: a row per length (lengths.py)
+            if max_latency_s is not None:
+                raise ConfigError("max_latency_s does not apply to a frontier (prompt_tokens=[...]) yet: "
+                                  "leave it out, or search one length without prompt_tokens")
+            lengths = {option: options.pop(option) for option in SWEEP_OPTIONS if option in options}
+            sweep = LengthSweep(model, mode, lengths, dict(options))
         key = entry_key(nodeid, name or model_name(model, mode))
         if key in self.results:
             if self._callers[key] != (id(model), mode):
                 raise ConfigError(f"{key} is already the name of another model or mode in this test: "
                                   f"give each optimal_batch call its own name='...'")
             return self.results[key]
-        workload = self.device.workload(model, example_input, mode=mode, **options)
+        workload = (self.device.workload(model, example_input, mode=mode, **options) if sweep is None
+                    else sweep.workload(self.device))
         limit = getattr(workload, "batch_limit", None)   # a dataset's size
         if isinstance(limit, int) and limit < (DEFAULT_CAP if cap is None else cap):
             self.messages.append(f"{key}: the dataset has {limit} samples, fewer than the largest batch "
@@ -263,7 +273,7 @@ class AutobatchSession:
                                  f"is capped at {limit}; give a larger dataset to search further")
             cap = limit
         try:
-            result = self._result(key, workload, max_latency_s=max_latency_s, cap=cap)
+            result = self._result(key, workload, max_latency_s=max_latency_s, cap=cap, sweep=sweep)
         finally:
             workload.close()
         self.results[key] = result
@@ -271,11 +281,11 @@ class AutobatchSession:
         return result
 
     def _result(self, key: str, workload: Workload, *, max_latency_s: float | None,
-                cap: int | None) -> BatchResult:
+                cap: int | None, sweep: LengthSweep | None = None) -> BatchResult:
         store = self.store
         entry = None if self.settings.update else store.get(key)
         if entry is not None:
-            return self._check(key, workload, entry, cap=cap, max_latency_s=max_latency_s)
+            return self._check(key, workload, entry, cap=cap, max_latency_s=max_latency_s, sweep=sweep)
         if self.settings.strict and not self.settings.update:
             raise BaselineError(
                 f"no baseline for {key} on {store.hardware_key} in {store.path_for_key(key)} and "
@@ -285,10 +295,13 @@ class AutobatchSession:
             previous = store.get(key)
             if previous is not None and not self.settings.update:
                 # another worker recorded it meanwhile
-                return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s)
-            entry = record_entry(self.device, workload, model=split_entry_key(key)[1], cap=cap,
-                                 max_latency_s=max_latency_s, progress=self.progress,
-                                 steady_pause_s=self.settings.steady_pause_s)
+                return self._check(key, workload, previous, cap=cap, max_latency_s=max_latency_s, sweep=sweep)
+            if sweep is not None:
+                entry = sweep.record(self.device, name=split_entry_key(key)[1], cap=cap, progress=self.progress)
+            else:
+                entry = record_entry(self.device, workload, model=split_entry_key(key)[1], cap=cap,
+                                     max_latency_s=max_latency_s, progress=self.progress,
+                                     steady_pause_s=self.settings.steady_pause_s)
             # staged for flush() at the end of the session, unless another process waits for it
             store.put(key, entry, now=not self.batch_writes or lock.contended)
         search = entry["search"]
@@ -303,10 +316,12 @@ class AutobatchSession:
             batch1_throughput_samples=entry["batch1_throughput_samples"])
 
     def _check(self, key: str, workload: Workload, entry: dict[str, Any], *, cap: int | None,
-               max_latency_s: float | None) -> BatchResult:
+               max_latency_s: float | None, sweep: LengthSweep | None = None) -> BatchResult:
         device = self.device
         now, verdict = self._judge(workload, entry)
         findings = verdict.findings
+        if sweep is not None:   # the longest point was judged above; every stored point must still fit
+            findings.extend(frontier_oom_findings(sweep.ooms(device, entry), f"{key} on {device.name}"))
         notes = [settings_note(key, entry, asked={"cap": DEFAULT_CAP if cap is None else cap,
                                                   "max_latency_s": max_latency_s},
                                capacity_bytes=device.capacity_bytes()),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping, NamedTuple
@@ -50,6 +51,7 @@ class ZooModel:
     factory: Callable[..., BuiltModel] = field(repr=False)
     gpu_size: Mapping[str, Any] = field(default_factory=dict)
     cpu_size: Mapping[str, Any] = field(default_factory=dict)
+    runs_on: tuple[str, ...] = ("gpu", "cpu")   # size classes whose kernels the model has
 
     def size(self, device: str = "cpu") -> dict[str, Any]:
         """The factory arguments used on ``device`` (e.g. {"image_size": 224})."""
@@ -65,6 +67,9 @@ class ZooModel:
         The model is in eval mode unless it trains; the random weights are seeded, so two builds
         are identical. The example input stays on the CPU (the workload moves its batches).
         """
+        if size_class(device) not in self.runs_on:
+            raise ConfigError(f"zoo model {self.name!r} runs on {' and '.join(self.runs_on)} devices only, "
+                              f"not {device}: pick another model or device")
         torch = _require("torch", "torch", f"the {self.name} model")
         try:
             with torch.random.fork_rng(devices=[]):
@@ -122,11 +127,13 @@ def build_yolo(*, config: str, image_size: int) -> BuiltModel:
 
 
 def build_llama(*, layers: int, hidden: int, heads: int, vocab: int, prompt_tokens: int,
-                new_tokens: int) -> BuiltModel:
+                new_tokens: int, quantize: str | None = None) -> BuiltModel:
     """A Llama-style causal LM from a LlamaConfig, greedy ``generate`` of exactly ``new_tokens``.
 
     End-of-sequence is disabled so that every generation runs to its full length: random weights
-    would otherwise stop at an arbitrary step and make throughput depend on luck.
+    would otherwise stop at an arbitrary step and make throughput depend on luck. ``quantize="int8"``
+    stores every Linear's weights in int8 (torch's dynamic quantization: activations quantized on
+    the fly, CPU kernels, nothing to install).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch = _require("torch", "llm", "the Llama-style LM")
@@ -136,6 +143,12 @@ def build_llama(*, layers: int, hidden: int, heads: int, vocab: int, prompt_toke
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=prompt_tokens + new_tokens, eos_token_id=None, pad_token_id=0)
     model = transformers.LlamaForCausalLM(config).eval()
+    if quantize is not None:
+        if quantize != "int8":
+            raise ConfigError(f"quantize={quantize!r}: the zoo's Llama quantizes to 'int8' (CPU)")
+        with warnings.catch_warnings():   # torch deprecates its quantized tensors in favour of torchao
+            warnings.simplefilter("ignore", UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     generation = model.generation_config
     generation.eos_token_id = None
     generation.pad_token_id = 0
@@ -167,6 +180,12 @@ ZOO: dict[str, ZooModel] = {spec.name: spec for spec in (
                        "prompt_tokens": 128, "new_tokens": 32},
              cpu_size={"layers": 4, "hidden": 256, "heads": 4, "vocab": 8192,
                        "prompt_tokens": 32, "new_tokens": 16}),
+    ZooModel("llama-int8", "generate", "the Llama-style LM with int8 weights (torch dynamic quantization)",
+             "llm", partial(build_llama, quantize="int8"),
+             gpu_size={"layers": 8, "hidden": 1024, "heads": 16, "vocab": 32000,
+                       "prompt_tokens": 128, "new_tokens": 32},
+             cpu_size={"layers": 4, "hidden": 256, "heads": 4, "vocab": 8192,
+                       "prompt_tokens": 32, "new_tokens": 16}, runs_on=("cpu",)),
     _image_model("resnet50-train", "torchvision ResNet-50 training step (SGD, cross-entropy)",
                  "vision", partial(build_torchvision_classifier, arch="resnet50", train=True),
                  gpu=224, cpu=64, mode="train"),

@@ -99,3 +99,28 @@ def test_a_failing_factory_names_the_model():
                       cpu_size={"image_size": 32})
     with pytest.raises(ModelBuildError, match=r"building zoo model 'yolo-broken' \(image size 32\)"):
         broken.build("cpu")
+
+
+@pytest.mark.slow
+def test_the_int8_llama_is_fingerprinted_as_quantized_and_searched_without_a_prediction():
+    from pytest_autobatch.devices import get_device
+    from pytest_autobatch.lengths import record_frontier
+    from pytest_autobatch.zoo import build_llama
+
+    tiny = dict(layers=1, hidden=64, heads=4, vocab=256, prompt_tokens=32, new_tokens=2)
+    model = build_llama(**tiny, quantize="int8").model
+    assert any(".quantized" in type(module).__module__ for module in model.modules())
+    device = get_device("cpu", memory_budget=256 << 10)
+    entry = record_frontier(device, model, name="llama-int8", prompt_tokens=[4, 16, 32], new_tokens=[2], cap=64,
+                            timing={"warmup_s": 0.0, "warmup_iterations": 1, "block_s": 0.01, "min_blocks": 1,
+                                    "max_blocks": 1})
+    assert "torch.ao.nn.quantized.dynamic.modules.linear.Linear" in entry["model_fingerprint"]["quantization"]
+    batches = [row["max_batch"] for row in entry["frontier"]]
+    assert batches == sorted(batches, reverse=True) and batches[0] > batches[-1]
+    with pytest.raises(ConfigError, match="quantizes to 'int8'"):
+        build_llama(**tiny, quantize="int4")
+
+
+def test_a_cpu_only_model_refuses_cuda_with_the_fix():
+    with pytest.raises(ConfigError, match="'llama-int8' runs on cpu devices only, not cuda:0"):
+        get_model("llama-int8").build("cuda:0")

@@ -20,7 +20,7 @@ DATA_PATH = Path(__file__).with_name("sim_zoo.json")
 
 #: The kind of work of each zoo model: picks the profile's achievable fraction of peak FLOP/s.
 WORK_KIND = {"resnet50": "conv", "resnet50-train": "conv", "yolo11n-pose": "light-conv",
-             "yolo11n-seg": "light-conv", "vit_b_16": "matmul", "llama": "decode",
+             "yolo11n-seg": "light-conv", "vit_b_16": "matmul", "llama": "decode", "llama-int8": "decode",
              "resnet18": "conv"}
 
 #: Hand-given counterparts, used when a model has no derived entry (published sizes, fp32).
@@ -32,6 +32,9 @@ FALLBACK: dict[str, SimulatedModel] = {model.name: model for model in (
     SimulatedModel("yolo11n-pose", 12_000_000, 300_000_000, 7.4e9, kernels=300, work="light-conv"),
     SimulatedModel("yolo11n-seg", 12_000_000, 320_000_000, 10.4e9, kernels=320, work="light-conv"),
     SimulatedModel("llama", 600_000_000, 40_000_000, 3.0e10, kernels=6000, work="decode",
+                   measured_mode="generate"),
+    # int8 weights (a quarter of fp32's bytes, embeddings stay fp32); activations and KV cache as fp32.
+    SimulatedModel("llama-int8", 310_000_000, 40_000_000, 3.0e10, kernels=6000, work="decode",
                    measured_mode="generate"),
 )}
 

@@ -4,8 +4,10 @@ Memory at batch b (bytes the caching allocator reserves, excluding the CUDA cont
     weights + workspace + activations * b + curvature * b**2 + jitter(b), rounded up to 2 MiB blocks.
 A batch fits when that is at most the device's capacity (total memory minus the CUDA context);
 otherwise ``probe`` and ``measure`` raise ``errors.OutOfMemory`` with limit="simulated", as the
-CUDA path does. The jitter is a seeded, deterministic function of the batch of at most one
-sample's activations, so memory stays monotone and "the largest batch that fits" is well defined.
+CUDA path does. A sequence model's activations grow per token and per token squared
+(``SimulatedModel.at_length``: the model on sequences of that many tokens). The jitter is a
+seeded, deterministic function of the batch of at most one sample's activations, so memory stays
+monotone and "the largest batch that fits" is well defined.
 
 Time per step (roofline with launch overhead): kernels * launch overhead + the larger of
 (weights + activation traffic) / memory bandwidth and FLOPs / (peak FLOP/s * utilisation).
@@ -134,6 +136,9 @@ class SimulatedModel:
     falloff: float = 0.0  # slowdown per knee_batch past the knee
     prediction_error: float = 0.1  # signed relative error of predict_peak_bytes on batch-dependent memory
     seed: int = 0  # seeds the memory jitter
+    token_bytes: float = 0.0  # per sample and token of a sequence (KV cache, activations): see at_length
+    token_squared_bytes: float = 0.0  # per sample and token squared (attention scores over the prompt)
+    flops_per_token: float = 0.0  # per sample and token
 
     def __post_init__(self) -> None:
         for field in ("weights_bytes", "activation_bytes_per_sample", "curvature_bytes", "workspace_bytes",
@@ -153,9 +158,24 @@ class SimulatedModel:
         if self.knee_batch is not None and self.knee_batch < 1:
             raise ConfigError(f"SimulatedModel {self.name!r}: knee_batch must be >= 1 or None, "
                               f"got {self.knee_batch!r}")
+        for field in ("token_bytes", "token_squared_bytes", "flops_per_token"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ConfigError(f"SimulatedModel {self.name!r}: {field} must be a number >= 0, got {value!r}")
         if self.activation_bytes_per_sample == 0 and self.curvature_bytes == 0:
             raise ConfigError(f"SimulatedModel {self.name!r}: memory must grow with the batch; "
                               f"set activation_bytes_per_sample or curvature_bytes > 0")
+
+    def at_length(self, tokens: int) -> SimulatedModel:
+        """This model on sequences of ``tokens`` tokens: per-sample memory grows by ``token_bytes``
+        per token and ``token_squared_bytes`` per token squared, the work by ``flops_per_token``."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ConfigError(f"SimulatedModel {self.name!r}: a length must be a positive integer "
+                              f"number of tokens, got {tokens!r}")
+        grown = self.token_bytes * tokens + self.token_squared_bytes * tokens * tokens
+        return dataclasses.replace(self, name=f"{self.name}@{tokens}",
+                                   activation_bytes_per_sample=int(self.activation_bytes_per_sample + grown),
+                                   flops_per_sample=self.flops_per_sample + self.flops_per_token * tokens)
 
 
 def model_for_max_batch(profile: GpuProfile | str, max_batch: float, *, weights_fraction: float,

@@ -440,6 +440,10 @@ class TorchWorkload:
             fingerprint["loss"] = getattr(self.loss_fn, "__qualname__", None) or "sum of outputs"
         if self.mode == "generate":
             fingerprint["max_new_tokens"] = self.max_new_tokens
+        quantized = sorted({f"{type(module).__module__}.{type(module).__qualname__}"
+                            for module in self.model.modules() if ".quantized" in type(module).__module__})
+        if quantized:   # packed weights are no parameters: the parameter hashes cannot see them
+            fingerprint["quantization"] = quantized
         if self.min_batch > 1:
             fingerprint["min_batch"] = self.min_batch
         return fingerprint

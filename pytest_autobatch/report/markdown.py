@@ -65,6 +65,22 @@ def results_table(results: list[Result]) -> list[str]:
     return _table(header, rows, text_columns=2)
 
 
+def frontier_tables(results: list[Result], *, heading: str = "###") -> list[str]:
+    """Per frontier entry, a row per length: the batches and the rate there."""
+    lines: list[str] = []
+    for result in results:
+        rows = result.entry.get("frontier")
+        if not rows:
+            continue
+        lines += ["", f"{heading} {escape(result.label)} on `{result.hardware_key}`: batch by length", ""]
+        lines += _table(["prompt + new tokens", "max batch", "optimal batch", "tokens/s @ optimal", "probes / OOMs"],
+                        [[f"{row['prompt_tokens']} + {row['new_tokens']}", str(row["max_batch"]),
+                          str(row["optimal_batch"]), format_number(row.get("tokens_per_s")),
+                          f"{row.get('probes', '–')} / {row.get('ooms', '–')}"]
+                         for row in sorted(rows, key=lambda row: (row["prompt_tokens"], row["new_tokens"]))])
+    return lines
+
+
 def devices_table(results: list[Result]) -> list[str]:
     """The devices the baselines were recorded on."""
     devices = {r.hardware_key: r.hardware for r in results}
@@ -154,6 +170,7 @@ def render_markdown(results: list[Result], plot_files: dict[tuple[str, str], str
                   "(profiles calibrated against published figures: `python benchmarks/bench_simulated.py`):", ""]
         lines += [f"- `{key}`: {label}" for key, label in
                   (note.split(": ", 1) for note in simulated)]
+    lines += frontier_tables(results, heading=section)
     comparison = comparison_tables(results, heading=section + "#")
     if comparison:
         lines += ["", f"{section} Devices side by side", *comparison]

@@ -85,8 +85,9 @@ def plot_entry(result: Result, path: Path) -> Path:
     failed = [p for p in probes if p.get("outcome") == "oom"]
     capacity = entry.get("capacity_bytes")
 
-    figure = _figure_class()(figsize=(16, 5), layout="constrained")
-    throughput_axis, latency_axis, memory_axis = figure.subplots(1, 3)
+    frontier = entry.get("frontier")
+    figure = _figure_class()(figsize=(21 if frontier else 16, 5), layout="constrained")
+    throughput_axis, latency_axis, memory_axis, *frontier_axis = figure.subplots(1, 4 if frontier else 3)
 
     _setup_axis(throughput_axis, "Throughput", "throughput (samples/s)")
     throughput_axis.plot([p["batch"] for p in timed], [p["throughput"] for p in timed],
@@ -124,12 +125,31 @@ def plot_entry(result: Result, path: Path) -> Path:
     for axis in (throughput_axis, latency_axis, memory_axis):
         _mark_batches(axis, entry)
         axis.legend(fontsize="small", loc="best")
+    if frontier:
+        _plot_frontier(frontier_axis[0], frontier)
     name = result.hardware.get("name")
     figure.suptitle(f"{result.label} on {result.hardware_key}" + (f" · {name}" if name else ""),
                     fontsize="x-large")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     return path
+
+
+def _plot_frontier(axis: Any, rows: list[dict[str, Any]]) -> None:
+    """Maximum and optimal batch against length (prompt plus new tokens), and tokens/s beside them."""
+    rows = sorted(rows, key=lambda row: row["prompt_tokens"] + row["new_tokens"])
+    lengths = [row["prompt_tokens"] + row["new_tokens"] for row in rows]
+    _setup_axis(axis, "Batch by length", "batch")
+    axis.set_xlabel("length (prompt + new tokens)")
+    axis.plot(lengths, [row["max_batch"] for row in rows], "o-", color="tab:red", label="maximum batch")
+    axis.plot(lengths, [row["optimal_batch"] for row in rows], "o-", color="tab:green", label="optimal batch")
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize="small", loc="upper right")
+    rate = axis.twinx()
+    rate.plot(lengths, [row["tokens_per_s"] for row in rows], "s--", color="tab:blue", label="tokens/s @ optimal")
+    rate.set_ylabel("tokens/s @ optimal")
+    rate.set_ylim(bottom=0)
+    rate.legend(fontsize="small", loc="upper center")
 
 
 def write_plots(results: list[Result], out_dir: Path) -> dict[tuple[str, str], Path]:

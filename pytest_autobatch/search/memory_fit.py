@@ -79,3 +79,18 @@ def _solve(matrix: list[list[float]], vector: list[float]) -> list[float] | None
     for r in reversed(range(size)):
         solution[r] = (rows[r][size] - sum(rows[r][c] * solution[c] for c in range(r + 1, size))) / rows[r][r]
     return solution
+
+
+def fit_columns(columns: list[list[float]], values: list[float]) -> list[float] | None:
+    """Least-squares coefficients of ``values`` over ``columns`` (each scaled for conditioning);
+    None when the columns are not independent."""
+    scales = [max(abs(x) for x in column) or 1.0 for column in columns]
+    scaled = [[x / scale for x in column] for column, scale in zip(columns, scales)]
+    scale_y = max(abs(y) for y in values) or 1.0
+    ys = [y / scale_y for y in values]
+    matrix = [[sum(a * b for a, b in zip(row, column)) for column in scaled] for row in scaled]
+    vector = [sum(a * y for a, y in zip(row, ys)) for row in scaled]
+    solution = _solve(matrix, vector)
+    if solution is None:
+        return None
+    return [value * scale_y / scale for value, scale in zip(solution, scales)]

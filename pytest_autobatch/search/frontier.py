@@ -1,0 +1,344 @@
+"""The batch-by-length frontier: the exact maximum batch at each length of a sequence workload.
+
+A length is a point ``(prompt_tokens, new_tokens)`` (``new_tokens`` 0 for a forward pass over a
+sequence). The searches at the points share what they learnt, in three ways:
+
+- **Bounds.** The maximum batch does not grow with length: a point at least as long in both
+  coordinates as one already searched takes no larger a batch, a shorter one no smaller.
+- **A memory model in tokens.** Every peak measured at every point is fitted as ``static + b *
+  (per_sample + per_token * T + per_token_squared * T**2) + squared * b**2`` over the batch ``b``
+  and the tokens ``T`` (as many terms as the lengths and peaks measured so far can tell apart);
+  before two lengths are measured, the workload's own predictions (``predict_at``) say how memory
+  per sample scales with length. The model's limit at the next point is probed first, then the
+  batch above it: two probes and one OOM when the model is right. A guess the model cannot vouch
+  for is checked below first, and the first peak at a point pins that point's own memory per
+  sample, so the next guess aims with it.
+- **The order.** The longest point first (the worst case; from ``start`` or the predictions alone,
+  or as the caller ``searched`` it), then the shortest, then each time the point farthest in
+  tokens from those done, so that the model interpolates rather than extrapolates.
+
+When a few guesses at a point have not closed its bracket, ``find_max_batch`` finishes from there
+(started at the latest prediction, capped below the smallest OOM seen at that point), with the
+probes already made at the point answered again without running. Certification is that of
+``find_max_batch``, at every point: the answer was probed there and fit, and the next batch was
+probed there and ran out of memory (or the answer is the cap). The model and the bounds choose
+where to probe, never the answer. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..errors import ConfigError, NoBatchFits, OutOfMemory, catch_oom
+from .bracket import Bracket, Probe
+from .max_batch import find_max_batch
+from .memory_fit import MemoryFit, fit_columns
+from .tuning import DEFAULT, Tuning
+
+#: (prompt_tokens, new_tokens)
+Point = tuple[int, int]
+ProbeAt = Callable[[Point], Callable[[int], int]]
+PredictAt = Callable[[Point], Callable[[int], "int | None"]]
+
+#: Probes one point may spend on the model's guesses before find_max_batch takes over.
+GUESSES_PER_POINT = 6
+#: How far to trust a guess: probe it (MEASURED); probe this share of it first (SCALED: the
+#: workload's predictions scaled from one measured length, 1% off on the CPU Llama); or probe
+#: first where it surely fits, the maximum at a longer point (GUESSED: a bare prediction).
+MEASURED, SCALED, GUESSED = 1.0, 0.95, 0.0
+
+
+@dataclass
+class FrontierPoint:
+    """The maximum batch at one point, the probes run there (in order), and the model's first guess."""
+
+    prompt_tokens: int
+    new_tokens: int
+    max_batch: int
+    probes: list[Probe]
+    predicted: int | None
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+    @property
+    def ooms(self) -> int:
+        return sum(not probe.fits for probe in self.probes)
+
+
+@dataclass
+class FrontierResult:
+    """One ``FrontierPoint`` per point, in the order the points were given."""
+
+    points: list[FrontierPoint]
+    capacity_bytes: int | None = None
+
+    @property
+    def probes(self) -> int:
+        return sum(len(point.probes) for point in self.points)
+
+    @property
+    def ooms(self) -> int:
+        return sum(point.ooms for point in self.points)
+
+
+def frontier_points(prompt_tokens: Sequence[int], new_tokens: Sequence[int] = (0,)) -> list[Point]:
+    """Every (prompt, new tokens) pair of the two lists, checked: positive integers (new tokens may
+    be 0 for a forward pass), each list non-empty and without repeats."""
+    for name, values, smallest in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 0)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"{name} must be a non-empty list of token counts, got {values!r}")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                kind = "a positive integer" if smallest else "an integer >= 0"
+                raise ConfigError(f"{name} must hold token counts, each {kind}; got {value!r} in {list(values)!r}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{name} lists a length twice: {list(values)!r}; list each length once")
+    return [(prompt, new) for prompt in prompt_tokens for new in new_tokens]
+
+
+def search_order(points: Sequence[Point]) -> list[Point]:
+    """Longest first, then shortest, then each time the point farthest in tokens from those done."""
+    remaining = sorted(set(points), key=lambda point: (-sum(point), point))
+    order = [remaining.pop(0)]
+    if remaining:
+        order.append(remaining.pop())
+    while remaining:
+        farthest = max(remaining, key=lambda point: min(abs(sum(point) - sum(done)) for done in order))
+        remaining.remove(farthest)
+        order.append(farthest)
+    return order
+
+
+#: (static bytes, bytes per sample, bytes per sample squared) at one length
+Line = tuple[float, float, float]
+
+
+def local_limit(points: dict[int, int], capacity: int) -> int | None:
+    """The limit that the peaks measured at one point give on their own, a parabola through three
+    or more; None with fewer or without a usable fit."""
+    if len(points) < 3:
+        return None
+    limit = MemoryFit(points, curved=True).limit(capacity)
+    return None if limit is None or not math.isfinite(limit) else max(0, math.floor(limit))
+
+
+class TokenMemory:
+    """Peak bytes against batch and tokens, fitted to every peak measured at every point, with the
+    workload's own predictions (where it has them) for the shape between lengths."""
+
+    def __init__(self, prior: Callable[[int], Line | None] | None = None) -> None:
+        self.peaks: dict[tuple[int, int], int] = {}   # (batch, tokens) -> peak bytes
+        self.prior = prior
+
+    def add(self, batch: int, tokens: int, peak: int) -> None:
+        self.peaks[(batch, tokens)] = peak
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted({tokens for _, tokens in self.peaks})
+
+    def fitted(self, tokens: int) -> Line | None:
+        """(static, per sample, per sample squared) at ``tokens`` from the measured peaks: static +
+        b * (per_sample + per_token * T + per_token_squared * T**2) + b**2 * squared, with as many
+        per-token terms as the distinct lengths measured tell apart (one length: all of it per
+        token), and the batch-squared term once there are peaks to spare and it is not negative.
+        None without a fit."""
+        powers = {1: (1,), 2: (0, 1)}.get(len(self.lengths), (0, 1, 2))
+        keys = list(self.peaks)
+        columns = [[1.0] * len(keys)] + [[float(b * t ** power) for b, t in keys] for power in powers]
+        values = [float(self.peaks[key]) for key in keys]
+        if len(keys) >= len(columns) + 3:
+            curved = fit_columns(columns + [[float(b * b) for b, _ in keys]], values)
+            if curved is not None and curved[-1] >= 0:
+                return self._at(curved[:-1], powers, tokens, curved[-1])
+        if len(keys) < len(columns):
+            return None
+        solution = fit_columns(columns, values)
+        return None if solution is None else self._at(solution, powers, tokens, 0.0)
+
+    @staticmethod
+    def _at(solution: list[float], powers: tuple[int, ...], tokens: int, squared: float) -> Line:
+        return solution[0], sum(term * tokens ** power for term, power in zip(solution[1:], powers)), squared
+
+    def estimate(self, tokens: int, local: dict[int, int]) -> tuple[Line, float] | None:
+        """(static, per sample) at ``tokens``, and how far to trust it (MEASURED: on peaks measured
+        here or at two lengths at least; SCALED; GUESSED). ``local`` holds the peaks measured at
+        this point (batch -> bytes)."""
+        lengths = self.lengths
+        fitted = self.fitted(tokens)
+        prior_at = self.prior
+        prior = prior_at(tokens) if prior_at is not None else None
+        static = fitted[0] if fitted is not None else prior[0] if prior is not None else None
+        squared = fitted[2] if fitted is not None else 0.0
+        if local and static is not None:
+            batch = max(local)
+            return (static, (local[batch] - static) / batch - squared * batch, squared), MEASURED
+        if fitted is None:
+            return (prior, GUESSED) if prior is not None else None
+        if len(lengths) < 3 and prior_at is not None and prior is not None:
+            # Too few lengths to fit the per-token-squared term: the workload's predictions say how
+            # memory per sample scales from the nearest length measured.
+            nearest = min(lengths, key=lambda measured: abs(measured - tokens))
+            reference, measured = prior_at(nearest), self.fitted(nearest)
+            if reference is not None and measured is not None:
+                scaled = (fitted[0], measured[1] * prior[1] / reference[1], squared)
+                return scaled, SCALED if len(lengths) == 1 else MEASURED
+        return fitted, MEASURED if len(lengths) >= 2 else GUESSED
+
+    def predicted_limit(self, tokens: int, capacity: int, local: dict[int, int]) -> tuple[int, float] | None:
+        """The largest batch predicted to fit ``capacity`` at ``tokens``, and how far to trust it
+        (see ``estimate``)."""
+        local_only = local_limit(local, capacity)
+        if local_only is not None:
+            return local_only, MEASURED
+        estimated = self.estimate(tokens, local)
+        if estimated is None:
+            return None
+        (static, per_sample, squared), trust = estimated
+        if not per_sample > 0 or not math.isfinite(per_sample):
+            return None
+        if squared > 0:   # static + per_sample * b + squared * b**2 = capacity, in the form that does not cancel
+            root = math.sqrt(per_sample * per_sample + 4 * squared * max(capacity - static, 0.0))
+            return max(0, math.floor(2 * (capacity - static) / (per_sample + root))), trust
+        return max(0, math.floor((capacity - static) / per_sample)), trust
+
+
+@dataclass
+class _PointSearch:
+    """The probes at one point: real ones recorded in order, and replayed to find_max_batch."""
+
+    point: Point
+    probe: Callable[[int], int]
+    bracket: Bracket
+    seen: dict[int, int | BaseException] = field(default_factory=dict)
+
+    def attempt(self, batch: int) -> None:
+        with catch_oom() as caught:
+            peak = self.probe(batch)
+        if caught.error is not None:
+            self.seen[batch] = caught.error
+            self.bracket.record_oom(batch, caught.error)
+        else:
+            self.seen[batch] = peak
+            self.bracket.record_fit(batch, peak)
+
+    def finish(self, start: int | None, min_batch: int, tuning: Tuning) -> int:
+        """The maximum batch here: the bracket the guesses closed, or find_max_batch from it (capped
+        one below the smallest OOM seen here, which then certifies an answer at the cap)."""
+        bracket = self.bracket
+        if bracket.settled and bracket.low >= min_batch:
+            return bracket.low
+        cap = bracket.cap if bracket.high is None or bracket.high <= min_batch else min(bracket.cap, bracket.high - 1)
+        return find_max_batch(self.replaying, cap=cap, capacity_bytes=bracket.capacity, start=start,
+                              min_batch=min_batch, tuning=tuning).max_batch
+
+    def replaying(self, batch: int) -> int:
+        """``probe`` for find_max_batch: a batch already probed here answers as it did."""
+        if batch not in self.seen:
+            self.attempt(batch)
+        answer = self.seen[batch]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def find_frontier(probe_at: ProbeAt, points: Sequence[Point], *, cap: int = 8192,
+                  capacity_bytes: int | None = None, start: int | None = None, min_batch: int = 1,
+                  predict_at: PredictAt | None = None, searched: dict[Point, tuple[int, list[Probe]]] | None = None,
+                  tuning: Tuning = DEFAULT) -> FrontierResult:
+    """The exact maximum batch at every point; see the module docstring.
+
+    ``probe_at(point)`` returns that point's ``probe(b)`` (peak bytes, or an OOM raised); ``start``
+    is a predicted maximum batch at the longest point. ``predict_at(point)``, where the workload
+    predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), tells the model how
+    memory scales between lengths before two have been measured. ``searched`` holds points the
+    caller has already searched (their maximum batch and probes), taken as they are. Raises
+    NoBatchFits naming the point when ``min_batch`` does not fit there.
+    """
+    if not points:
+        raise ConfigError("a frontier needs at least one (prompt_tokens, new_tokens) point")
+    by_tokens = {sum(point): point for point in points}
+    memory = TokenMemory(None if predict_at is None else lambda tokens: _predicted_line(predict_at(by_tokens[tokens])))
+    capacity = capacity_bytes
+    found: dict[Point, FrontierPoint] = {}
+    for point in search_order(points):
+        if searched and point in searched:
+            max_batch, probes = searched[point]
+            found[point] = FrontierPoint(point[0], point[1], max_batch, probes, None)
+        else:
+            lower = max((done.max_batch for other, done in found.items() if _at_least(other, point)), default=None)
+            upper = min((done.max_batch for other, done in found.items() if _at_least(point, other)), default=cap)
+            search = _PointSearch(point, probe_at(point), Bracket(cap, capacity, None))
+            predicted = _guess(search, memory, lower, upper, min_batch, tuning.start_safety)
+            try:
+                max_batch = search.finish(search.bracket.low or lower or start, min_batch, tuning)
+            except NoBatchFits as error:
+                raise NoBatchFits(f"at {point[0]} prompt tokens and {point[1]} new tokens: {error}") from None
+            capacity = search.bracket.capacity
+            found[point] = FrontierPoint(point[0], point[1], max_batch, search.bracket.probes, predicted)
+        for probe in found[point].probes:
+            if probe.peak_bytes is not None:
+                memory.add(probe.batch, sum(point), probe.peak_bytes)
+    return FrontierResult([found[point] for point in dict.fromkeys(points)], capacity)
+
+
+def _at_least(longer: Point, shorter: Point) -> bool:
+    return longer[0] >= shorter[0] and longer[1] >= shorter[1]
+
+
+def _guess(search: _PointSearch, memory: TokenMemory, lower: int | None, upper: int,
+           min_batch: int, safety: float) -> int | None:
+    """Probe the model's limit at this point, then around it, until the bracket closes or
+    GUESSES_PER_POINT probes are spent; returns the first prediction (None: the model had none).
+
+    Until a peak is measured here, a guess is checked below as far as it is trusted (see MEASURED),
+    and after an OOM at the maximum of a longer point (which fits here) or, without one, at
+    ``safety`` of the guess. The peak measured then pins this point's memory per sample.
+    """
+    bracket, tokens = search.bracket, sum(search.point)
+    first = None
+    for _ in range(GUESSES_PER_POINT):
+        if bracket.settled or bracket.capacity is None or (bracket.high or min_batch + 1) <= min_batch:
+            break
+        predicted = _chord(search) or memory.predicted_limit(tokens, bracket.capacity, bracket.peaks)
+        if predicted is None:
+            break
+        guess, trust = predicted
+        first = guess if first is None else first
+        if not bracket.low and bracket.high is not None:   # the first check ran out of memory
+            if lower is None or bracket.high <= lower or trust < SCALED:
+                break   # find_max_batch takes over
+            guess = lower
+        elif not bracket.low and trust < MEASURED:
+            guess = max(lower or 0, int(guess * trust)) if trust else lower or int(guess * safety)
+        search.attempt(bracket.inside(min(max(guess, lower or min_batch, min_batch), upper)))
+    return first
+
+
+def _chord(search: _PointSearch) -> tuple[int, float] | None:
+    """Once a batch here ran out of memory naming what it needed: where the chord from the largest
+    fit to it meets the capacity. Memory that curves up lies under its chords, so this fits when
+    the OOM names the whole need (a simulated GPU does; a CPU budget names the allocation that
+    crossed it, less than the peak, and the chord may then overshoot by a little)."""
+    bracket = search.bracket
+    error = search.seen.get(bracket.high) if bracket.high is not None else None
+    needed = error.needed_bytes if isinstance(error, OutOfMemory) else None
+    if not bracket.low or bracket.capacity is None or needed is None or bracket.high is None:
+        return None
+    fit = bracket.peaks[bracket.low]
+    if needed <= max(fit, bracket.capacity):
+        return None
+    return bracket.low + math.floor((bracket.capacity - fit) * (bracket.high - bracket.low) / (needed - fit)), MEASURED
+
+
+def _predicted_line(predict: Callable[[int], int | None]) -> Line | None:
+    """(static, per sample) from a workload's predictions at batches 1 and 8; None without them."""
+    one, eight = predict(1), predict(8)
+    if one is None or eight is None or eight <= one:
+        return None
+    per_sample = (eight - one) / 7
+    return one - per_sample, per_sample, 0.0
