@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.one_core:
         torch.set_num_threads(1)
     from pytest_autobatch.devices import get_device
-    from pytest_autobatch.gate import check_entry
+    from pytest_autobatch.gate import check_entry, confirmed
     from pytest_autobatch.record import record_entry, remeasure
     device = get_device("cpu")
     entries_path = Path(args.entries)
@@ -109,6 +109,9 @@ def worker(args: argparse.Namespace) -> None:
             for _ in range(args.runs):
                 now = remeasure(device, workload, entry)
                 verdict = check_entry(entry, now, hardware="cpu")
+                if verdict.regressed:   # as the plugin does: measured again to confirm it
+                    verdict = confirmed(verdict, check_entry(entry, remeasure(device, workload, entry),
+                                                             hardware="cpu"))
                 kind = ("failed" if verdict.failed else "inconclusive" if verdict.inconclusive else "passed")
                 rows.append({"model": name, "slowed": slowed, "verdict": kind, "change": verdict.change,
                              "raw_change": verdict.raw_change, "machine_speed": verdict.machine_speed,
