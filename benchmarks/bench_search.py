@@ -35,6 +35,11 @@ class Scenario:
     workload: object
     true_max: int
     start: int | None
+    #: The same model predicted within 2% (its batch-dependent memory), and that prediction's start.
+    near: object = None
+    near_start: int | None = None
+    #: The same model predicted exactly (up to the jitter and allocator rounding it cannot see).
+    exact: object = None
 
 
 def make_scenario(rng: random.Random, index: int) -> Scenario:
@@ -57,7 +62,10 @@ def make_scenario(rng: random.Random, index: int) -> Scenario:
         seed=index)
     workload = device.workload(model)
     start = predicted_max_batch(workload.predict_peak_bytes, device.capacity_bytes(), CAP)
-    return Scenario(device, workload, workload.true_max_batch(CAP), start or None)
+    near = device.workload(replace(model, prediction_error=random.Random(f"near:{index}").uniform(-0.02, 0.02)))
+    near_start = predicted_max_batch(near.predict_peak_bytes, device.capacity_bytes(), CAP)
+    exact = device.workload(replace(model, prediction_error=0.0))
+    return Scenario(device, workload, workload.true_max_batch(CAP), start or None, near, near_start or None, exact)
 
 
 class CountingProbe:
@@ -92,12 +100,22 @@ def bare_ooms(probe: CountingProbe) -> Callable[[int], int]:
     return bare
 
 
-def ours(scenario: Scenario, probe: Callable[[int], int], *, capacity: bool, start: bool,
+def ours(scenario: Scenario, probe: Callable[[int], int], *, capacity: bool, start: bool | str,
          tuning: Tuning = DEFAULT) -> int:
+    """``start``: False (none), True (the scenario's prediction, 10-30% off, and its predicted peaks),
+    "near" (a prediction within 2%), "exact" (the true maximum, with exactly predicted peaks)."""
+    given, predictor = None, None
+    if start is True:
+        given, predictor = scenario.start, scenario.workload
+    elif start == "near":
+        given, predictor = scenario.near_start, scenario.near
+    elif start == "exact":
+        given, predictor = scenario.true_max or None, scenario.exact
     try:
         return find_max_batch(probe, cap=CAP,
                               capacity_bytes=scenario.device.capacity_bytes() if capacity else None,
-                              start=scenario.start if start else None, tuning=tuning).max_batch
+                              start=given, tuning=tuning,
+                              predict=predictor.predict_peak_bytes if predictor is not None else None).max_batch
     except NoBatchFits:
         return 0
 
@@ -158,6 +176,8 @@ def accelerate(scenario: Scenario, probe: CountingProbe, start: int = 1024) -> i
 SEARCHES: list[tuple[str, Callable]] = [
     ("ours (capacity, no start)", lambda s, p: ours(s, p, capacity=True, start=False)),
     ("ours (capacity, start 10-30% off)", lambda s, p: ours(s, p, capacity=True, start=True)),
+    ("ours (capacity, start within 2%)", lambda s, p: ours(s, p, capacity=True, start="near")),
+    ("ours (capacity, exact start)", lambda s, p: ours(s, p, capacity=True, start="exact")),
     ("ours (no capacity, no start)", lambda s, p: ours(s, p, capacity=False, start=False)),
     ("ours (no capacity, bare OOMs)", lambda s, p: ours(s, bare_ooms(p), capacity=False, start=False)),
     ("doubling + bisection", doubling_bisection),

@@ -47,11 +47,15 @@ def _attempt(probe: Callable[[int], int], bracket: Bracket, batch: int) -> bool:
 
 
 def find_max_batch(probe: Callable[[int], int], *, cap: int = 8192, capacity_bytes: int | None = None,
-                   start: int | None = None, tuning: Tuning = DEFAULT) -> MaxBatchResult:
+                   start: int | None = None, tuning: Tuning = DEFAULT,
+                   predict: Callable[[int], int | None] | None = None) -> MaxBatchResult:
     """The exact largest batch <= ``cap`` that fits; see the module docstring.
 
     ``capacity_bytes`` (memory the search may use) lets the guide aim at the limit; ``start`` is a
-    predicted maximum batch to begin from. Raises NoBatchFits when batch 1 does not fit.
+    predicted maximum batch to begin from: with a capacity it is probed first (not batch 1) and
+    certified by its neighbour. ``predict(b)``: predicted peak bytes at b (None: unknown), the
+    shape the guide corrects by the measured peaks and follows while it keeps agreeing with them.
+    Raises NoBatchFits when batch 1 does not fit.
     """
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ConfigError(f"cap must be an integer >= 1 (the largest batch to try), got {cap!r}")
@@ -60,11 +64,11 @@ def find_max_batch(probe: Callable[[int], int], *, cap: int = 8192, capacity_byt
     if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
         raise ConfigError(f"start must be an integer >= 1 or None, got {start!r}")
     bracket = Bracket(cap, capacity_bytes, start)
-    if not _attempt(probe, bracket, 1):
-        raise NoBatchFits(_no_fit_message(bracket.last_oom, bracket.capacity))
-    guide = Guide(bracket, tuning)
+    guide = Guide(bracket, tuning, predict)
     while not bracket.settled:
         _attempt(probe, bracket, bracket.inside(guide.next_batch()))
+    if bracket.low == 0:  # batch 1 ran out of memory (the bracket only settles at 0 when high is 1)
+        raise NoBatchFits(_no_fit_message(bracket.last_oom, bracket.capacity))
     return MaxBatchResult(bracket.low, bracket.probes, sum(not p.fits for p in bracket.probes),
                           bracket.capacity)
 

@@ -15,6 +15,13 @@ class Tuning:
 
     #: Peaks are reported in allocator blocks: two measurements closer than this say nothing about slope.
     memory_granularity_bytes: int = 2 << 20
+    #: With a start and a capacity, probe the start first (certified by its neighbour), not batch 1.
+    start_first: bool = True
+    #: After the start ran out of memory, probe this share below it before falling back to batch 1
+    #: (a prediction 30% low puts the start ~43% high; the corrected prediction aims from there).
+    start_backoff: float = 0.4
+    #: Follow the workload's prediction, corrected by the measured peaks, while it agrees with them.
+    trust_prediction: bool = True
     #: Fraction of a ``start`` prediction probed first: memory predicted ~30% low puts it ~43% high.
     start_safety: float = 0.7
     #: Share of the memory at the limit assumed to grow with batch squared when only a line is fitted.
@@ -42,6 +49,9 @@ DEFAULT = Tuning()
 
 #: The value that switches each heuristic off (the plain behaviour it refines).
 OFF: dict[str, object] = {
+    "start_first": False,         # batch 1 first, then a safe share of the start
+    "start_backoff": 0.0,         # after the start ran out of memory, batch 1 next
+    "trust_prediction": False,    # the fitted search only, whatever the prediction
     "start_safety": 1.0,          # probe the predicted start itself
     "curvature_prior": 0.0,       # trust a line fitted through the peaks
     "leverage_weight": 0.0,       # judge the fit by its slope error alone
