@@ -186,8 +186,11 @@ SEARCHES: list[tuple[str, Callable]] = [
 ]
 
 
-#: The maximum-batch tuning constants, each switched off in turn (search.tuning.OFF).
-MAX_BATCH_CONSTANTS = [name for name in OFF if name not in ("peak_resolution", "crossing_resolution")]
+#: The optimal-batch tuning constants (their own ablation table), and the maximum-batch ones,
+#: each switched off in turn (search.tuning.OFF).
+OPTIMAL_CONSTANTS = ("throughput_model", "peak_margin", "decide_rounds", "crossing_steps", "peak_resolution",
+                     "crossing_resolution")
+MAX_BATCH_CONSTANTS = [name for name in OFF if name not in OPTIMAL_CONSTANTS]
 
 
 def ablation_searches() -> list[tuple[str, Callable]]:
@@ -224,10 +227,18 @@ def max_batch_table(scenarios: list[Scenario], searches: list[tuple[str, Callabl
 
 def optimal_batch_table(scenarios: list[Scenario]) -> list[str]:
     within_2, within_tolerance, ours_measurements, sweep_measurements, ratios = 0, 0, 0, 0, []
+    measure_calls = 0
     fitting = [s for s in scenarios if s.true_max >= 1]
     for scenario in fitting:
         workload = scenario.workload
-        result = find_optimal_batch(workload.measure, max_batch=scenario.true_max)
+        calls = []
+
+        def measure(batch: int, workload=workload, calls=calls) -> list[float]:
+            calls.append(batch)
+            return workload.measure(batch)
+
+        result = find_optimal_batch(measure, max_batch=scenario.true_max)
+        measure_calls += len(calls)
         exhaustive = {b: statistics.median(workload.measure(b)) for b in range(1, scenario.true_max + 1)}
         sweep_best = max(exhaustive, key=exhaustive.get)
         true_best = workload.expected_throughput(sweep_best)
@@ -243,7 +254,8 @@ def optimal_batch_table(scenarios: list[Scenario]) -> list[str]:
         f"  best batch within 2% of the exhaustive sweep's best:       {100 * within_2 / n:.1f}%",
         f"  optimal batch within 3% tolerance (+2% noise) of the best: {100 * within_tolerance / n:.1f}%",
         f"  measurements: ours {ours_measurements / n:.1f} per scenario, exhaustive {sweep_measurements / n:.1f} "
-        f"({100 * ours_measurements / sweep_measurements:.1f}% in total)",
+        f"({100 * ours_measurements / sweep_measurements:.1f}% in total); "
+        f"measure() calls {measure_calls / n:.1f} (a close call for the best is measured again)",
         f"  per scenario with max >= 64 ({len(large)}): median {100 * statistics.median(large):.1f}%, "
         f"worst {100 * max(large):.1f}% of the exhaustive sweep's measurements",
         f"  scenarios using at most a third of the exhaustive measurements: "
@@ -256,7 +268,7 @@ def optimal_ablation_table(scenarios: list[Scenario]) -> list[str]:
     """The optimal batch with each refinement resolution switched off (search.tuning.OFF)."""
     fitting = [s for s in scenarios if s.true_max >= 1]
     lines = [f"{'optimal batch, tuning':40} {'best within 2% %':>17} {'measurements':>13}"]
-    for name in (None, "peak_resolution", "crossing_resolution"):
+    for name in (None, *OPTIMAL_CONSTANTS):
         tuning = DEFAULT if name is None else replace(DEFAULT, **{name: OFF[name]})
         within_2 = measurements = 0
         for scenario in fitting:
@@ -274,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimal-only", action="store_true", help="only the optimal-batch tables")
     parser.add_argument("--skip-optimal", action="store_true", help="only the maximum-batch table")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -283,11 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(scenarios)} scenarios (seed {args.seed}): batch 1 does not fit in {no_fit}, "
           f"max at the cap {CAP} in {past_cap}, median true max "
           f"{statistics.median(s.true_max for s in scenarios):.0f}")
-    print("\n".join(max_batch_table(scenarios, SEARCHES)))
-    print("\nAblation: ours with one tuned constant switched off (capacity known; start 10-30% off or none)")
-    print("\n".join(max_batch_table(scenarios, ablation_searches())))
-    print("reference (issue 2): Lightning exact 9%, 11.0 probes, 3.3 OOMs, 7% OOM-ing answers; "
-          "accelerate exact 38%, 26 OOMs; doubling+bisection exact 100%, 12.5 probes, 3.6 OOMs")
+    if not args.optimal_only:
+        print("\n".join(max_batch_table(scenarios, SEARCHES)))
+        print("\nAblation: ours with one tuned constant switched off (capacity known; start 10-30% off "
+              "with its prediction, or none)")
+        print("\n".join(max_batch_table(scenarios, ablation_searches())))
+        print("reference (issue 2): Lightning exact 9%, 11.0 probes, 3.3 OOMs, 7% OOM-ing answers; "
+              "accelerate exact 38%, 26 OOMs; doubling+bisection exact 100%, 12.5 probes, 3.6 OOMs")
     if not args.skip_optimal:
         print()
         print("\n".join(optimal_batch_table(scenarios)))

@@ -46,6 +46,7 @@ class Guide:
             return self.below_failed_start()
         jump_failed = bracket.oom_streak and self.jumped
         guess = self.predicted_guess()
+        trusted = guess is not None
         if guess is None:
             guess = self.guided_guess()
         if guess is None or jump_failed:
@@ -54,7 +55,8 @@ class Guide:
             guess = self.fallback_guess()
         if bracket.high is not None:
             middle = (bracket.low + bracket.high) // 2
-            if bracket.oom_streak:
+            if bracket.oom_streak and not (trusted and bracket.oom_streak == 1):
+                # A trusted prediction that overshot by a hair aims again from below at once.
                 backoff = max(2 ** (bracket.oom_streak - 1),
                               int((bracket.high - bracket.low) * self.tuning.oom_backoff_share))
                 guess = min(guess, max(bracket.high - backoff, middle))
@@ -87,8 +89,8 @@ class Guide:
         expected = prediction.expected.get(last.batch)
         if expected is not None:
             tolerance = self.tuning.memory_granularity_bytes + prediction.sample_bytes
-            if last.peak_bytes is None:
-                disagrees = expected <= bracket.capacity  # it said this batch fits
+            if last.peak_bytes is None:  # it said this batch fits, beyond what one block and sample blur
+                disagrees = expected < bracket.capacity - tolerance
             else:
                 disagrees = abs(last.peak_bytes - expected) > tolerance
             if disagrees:

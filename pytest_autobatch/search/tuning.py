@@ -39,6 +39,17 @@ class Tuning:
     growth_limit: float = 256.0
     #: A safe jump must cover this share of the distance to the predicted limit; shorter ones creep.
     min_jump_share: float = 0.75
+    #: The optimal batch from a model of step time (largest batch and batch 1 first, then where
+    #: the model puts the peak and the band crossing), not a sweep of every power of two.
+    throughput_model: bool = True
+    #: A measured batch must beat the largest by this share before the peak is searched below it,
+    #: and the peak is narrowed only towards neighbours this much slower (timing noise is ~1-2%).
+    peak_margin: float = 0.02
+    #: Rounds of measuring again the batches within ``peak_margin`` of the best (a close call).
+    decide_rounds: int = 2
+    #: At most this many measurements aimed at the band crossing: the line through step times
+    #: lands on it or next to it, and the band is a tolerance, not a target.
+    crossing_steps: int = 3
     #: The optimal-batch refinement stops once neighbouring measured batches are this close (ratio)
     #: around the peak, and around the tolerance crossing.
     peak_resolution: float = 1.05
@@ -59,6 +70,10 @@ OFF: dict[str, object] = {
     "oom_backoff_share": 0.0,     # after an OOM, back off by the surprise count only
     "growth_share": 0.0,          # plain doubling until the first OOM
     "min_jump_share": 1.0,        # jump only when the fit is good enough to aim
+    "throughput_model": False,    # time every power of two up to the maximum, then refine
+    "peak_margin": 0.0,           # chase any batch that measured above the largest
+    "decide_rounds": 0,           # the best median of one measurement each wins
+    "crossing_steps": 64,         # aim at the crossing until its neighbours are close
     "peak_resolution": 2.0,       # refine the peak only to within a factor of 2
     "crossing_resolution": 2.0,   # refine the tolerance crossing only to within a factor of 2
 }
