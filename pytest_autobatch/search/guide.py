@@ -89,8 +89,11 @@ class Guide:
         expected = prediction.expected.get(last.batch)
         if expected is not None:
             tolerance = self.tuning.memory_granularity_bytes + prediction.sample_bytes
-            if last.peak_bytes is None:  # it said this batch fits, beyond what one block and sample blur
-                disagrees = expected < bracket.capacity - tolerance
+            if last.peak_bytes is None:
+                # It said this batch fits: by more than one block and sample blur, or for the second
+                # time (an aim at the predicted maximum is always within that blur of capacity).
+                disagrees = expected < bracket.capacity - tolerance or prediction.missed
+                prediction.missed = True
             else:
                 disagrees = abs(last.peak_bytes - expected) > tolerance
             if disagrees:
@@ -222,6 +225,7 @@ class Prediction:
         self.cache: dict[int, int | None] = {}
         self.expected: dict[int, float] = {}
         self.sample_bytes = 0.0  # the corrected prediction's memory per sample at the last aim
+        self.missed = False  # an aim it said fits ran out of memory
 
     def at(self, batch: int) -> int | None:
         if batch not in self.cache:
