@@ -120,9 +120,11 @@ def main(argv: list[str] | None = None) -> None:
 
                 began = time.perf_counter()
                 result = find_optimal_batch(measure, max_batch=now, tuning=tuning)
-                optimal_rows.append(f"{name:16} {label:6} {len(result.measurements):12d} {len(calls):6d} "
-                                    f"{time.perf_counter() - began:7.1f} {result.best_batch:5d} "
-                                    f"{result.best_throughput:12,.1f} {result.optimal_batch:7d}")
+                row = (f"{name:16} {label:6} {len(result.measurements):12d} {len(calls):6d} "
+                       f"{time.perf_counter() - began:7.1f} {result.best_batch:5d} "
+                       f"{result.best_throughput:12,.1f} {result.optimal_batch:7d}")
+                print(f"  optimal: {row}", flush=True)
+                optimal_rows.append(row)
         workload.close()
     if optimal_rows:
         print(f"\n{'model':16} {'search':6} {'measurements':>12} {'calls':>6} {'seconds':>7} {'best':>5} "
