@@ -5,9 +5,11 @@
 1. Gate reliability on simulated GPUs with noisy timings (2% and 5% Gaussian noise plus 5% slow
    outliers): per model, 20 unchanged reruns (target: 0 false failures) and 20 reruns with a 15%
    throughput drop (target: 20 of 20 caught), plus an 8% drop (inside the 10% tolerance) and 25%.
-2. Plugin start-up overhead on plain ``pytest`` (target: at most 30 ms), and whether torch,
+2. The gate across machine speeds: baselines recorded on one simulated machine, re-measured on one
+   running everything 0.4x and 1.6x as fast (target: 0 false failures, the 15% drop caught).
+3. Plugin start-up overhead on plain ``pytest`` (target: at most 30 ms), and whether torch,
    pynvml or git were imported (target: none).
-3. The ``optimal_batch`` fixture in a cached session (target: under 100 ms plus the re-measurement;
+4. The ``optimal_batch`` fixture in a cached session (target: under 100 ms plus the re-measurement;
    on the simulated device the re-measurement itself costs microseconds).
 """
 
@@ -43,9 +45,29 @@ def record(model: SimulatedModel, seed: int, noise: float) -> dict:
     return record_entry(device, device.workload(model), model=model.name)
 
 
-def rerun(model: SimulatedModel, entry: dict, seed: int, drop: float, noise: float) -> Verdict:
-    device = simulated_device("sim:h100", seed=seed, slowdown=1 / (1 - drop), timing_noise=noise)
+def rerun(model: SimulatedModel, entry: dict, seed: int, drop: float, noise: float,
+          machine_speed: float = 1.0) -> Verdict:
+    device = simulated_device("sim:h100", seed=seed, slowdown=1 / (1 - drop), timing_noise=noise,
+                              machine_speed=machine_speed)
     return check_entry(entry, remeasure(device, device.workload(model), entry), hardware=device.name)
+
+
+def machine_speed_figures() -> None:
+    """Baselines recorded on one machine, re-measured on a slower and a faster one of the same kind."""
+    print(f"2. The same gate across machine speeds (sim:h100, 2% noise, {RERUNS} reruns per cell): a machine")
+    print("   running everything (the reference workload too) at the given speed, with and without a 15% drop.")
+    print(f"   {'model':<14} {'speed':>5} {'drop':>5}  {'failed':>9}  {'median relative':>15}  {'median raw':>10}")
+    for model in MODELS:
+        entry = record(model, 0, 0.02)
+        for speed in (0.4, 1.6):
+            for drop in (0.0, 0.15):
+                checks = [rerun(model, entry, seed, drop, 0.02, speed) for seed in range(1, RERUNS + 1)]
+                failed = sum(check.failed for check in checks)
+                relative = statistics.median(check.change for check in checks)
+                raw = statistics.median(check.raw_change for check in checks)
+                print(f"   {model.name:<14} {speed:>4.1f}x {drop:>5.0%}  {failed:>6}/{RERUNS}  {relative:>+15.1%}"
+                      f"  {raw:>+10.1%}")
+    print()
 
 
 def gate_figures() -> None:
@@ -128,7 +150,7 @@ def startup_figures(folder: Path, rounds: int = 30) -> None:
     heavy = output.split("HEAVY=")[1].splitlines()[0] or "none"
     everything = added_ms(folder, ("-q",), ("-q", "-p", "no:autobatch"), env, rounds)
     alone = added_ms(folder, ("-q", "-p", "pytest_autobatch.plugin"), ("-q",), bare, rounds)
-    print(f"2. Plain pytest start-up (one trivial test), {rounds} interleaved runs each (target: <= 30 ms added):")
+    print(f"3. Plain pytest start-up (one trivial test), {rounds} interleaved runs each (target: <= 30 ms added):")
     print(f"   with every installed plugin: {everything}")
     print(f"   with no other plugin (PYTEST_DISABLE_PLUGIN_AUTOLOAD=1): {alone}")
     print(f"   heavy modules imported by a plain run: {heavy} (target: none of torch, pynvml, git)")
@@ -146,7 +168,7 @@ def cached_fixture_figures(folder: Path) -> None:
     calls = [json.loads(line) for line in times.read_text().splitlines()]
     assert all(call["cached"] and call["probes"] == 0 for call in calls), calls
     seconds = sorted(call["seconds"] for call in calls)
-    print("3. optimal_batch fixture in a cached session (10 simulated models, baselines on disk):")
+    print("4. optimal_batch fixture in a cached session (10 simulated models, baselines on disk):")
     print(f"   per call: median {statistics.median(seconds) * 1e3:.1f} ms, max {seconds[-1] * 1e3:.1f} ms, "
           f"probes spent searching: {sum(call['probes'] for call in calls)} (target: 0 and < 100 ms "
           "plus the re-measurement)")
@@ -156,6 +178,7 @@ def cached_fixture_figures(folder: Path) -> None:
 
 def main() -> None:
     gate_figures()
+    machine_speed_figures()
     with tempfile.TemporaryDirectory() as folder:
         startup_figures(Path(folder))
     with tempfile.TemporaryDirectory() as folder:

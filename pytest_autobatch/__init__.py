@@ -14,7 +14,7 @@ _EXPORTS = {
     "BaselineStore": "baselines",
     "compare_throughput": "stats", "mann_whitney_u": "stats", "summarize": "stats",
     "find_max_batch": "search", "find_optimal_batch": "search",
-    "SimulatedModel": "devices.simulated", "simulated_device": "devices.simulated",
+    "SimulatedModel": "devices.simulated", "simulated_device": "devices.simulated", "Samples": "inputs",
     "get_device": "devices",
     "record_entry": "record", "remeasure": "record", "check_entry": "gate",
     "BatchResult": "session",

@@ -7,6 +7,7 @@ when one exists; what the re-measurement means is the gate's business (``gate.py
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -118,9 +119,15 @@ def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> 
         paired = measure_paired(batch)
         collected.model.extend(paired.model)
         collected.reference.extend(paired.reference)
-        collected.unsteady.extend(reason for reason in paired.unsteady if reason not in collected.unsteady)
+        kinds = {_kind(reason) for reason in collected.unsteady}
+        collected.unsteady.extend(reason for reason in paired.unsteady if _kind(reason) not in kinds)
         collected.reference_kind = paired.reference_kind
     return collected
+
+
+def _kind(reason: str) -> str:
+    """A reason without its figures: one of each kind is enough in a message."""
+    return re.sub(r"[\d.,]+", "#", reason)
 
 
 def steady_gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int, *, attempts: int,
@@ -151,6 +158,13 @@ def _probe_rows(recorder: _Recorder, optimal: OptimalBatchResult) -> list[dict[s
     return [rows[batch] for batch in sorted(rows)]
 
 
+def smallest_batch(workload: Workload) -> int:
+    """The smallest batch the workload takes (``min_batch``: 2 for BatchNorm in training), else 1.
+    The search starts there, and the speedup is over it."""
+    smallest = getattr(workload, "min_batch", 1)
+    return smallest if isinstance(smallest, int) and smallest >= 1 else 1
+
+
 def record_entry(device: Device, workload: Workload, *, model: str, cap: int | None = None,
                  max_latency_s: float | None = None, band: float = DEFAULT_OPTIMAL_BAND,
                  progress: Progress | None = None, steady_pause_s: float = STEADY_PAUSE_S) -> dict[str, Any]:
@@ -161,17 +175,19 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     ``unsteady`` (the session reports it), rather than passing for a normal baseline.
     """
     cap = DEFAULT_CAP if cap is None else cap
+    smallest = smallest_batch(workload)
     began = time.perf_counter()
     recorder = _Recorder(workload, f"{model} on {device.name}", progress or _silent)
     capacity = device.capacity_bytes()
-    predicted = predicted_max_batch(recorder.predict, capacity, cap) if capacity else None
-    start = None if predicted is None else max(1, predicted)
+    predicted = (predicted_max_batch(recorder.predict, capacity, cap, smallest=smallest)
+                 if capacity else None)
+    start = None if predicted is None else max(smallest, predicted)
     max_result = find_max_batch(recorder.probe, cap=cap, capacity_bytes=capacity, start=start,
-                                predict=recorder.predict)
+                                min_batch=smallest, predict=recorder.predict)
     optimal = find_optimal_batch(recorder.measure, max_batch=max_result.max_batch,
-                                 band=band, max_latency_s=max_latency_s)
+                                 band=band, max_latency_s=max_latency_s, min_batch=smallest)
     max_batch = optimal.max_batch or max_result.max_batch  # lower when a batch ran out of memory while timed
-    batch1_samples = optimal.measurements.get(1) or recorder.measure(1)
+    batch1_samples = optimal.measurements.get(smallest) or recorder.measure(smallest)
     peak_at_optimal = recorder.peak_at(optimal.optimal_batch)
     peak_at_max = recorder.peak_at(max_batch)
     # Fresh samples for the baseline: the sweep's samples at the optimal batch are the ones that
@@ -214,6 +230,8 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     }
     if max_latency_s is not None:
         entry["targets"]["max_latency_s"] = max_latency_s
+    if smallest > 1:
+        entry["min_batch"] = smallest   # batch1_* and speedup are at this batch
     if gate.unsteady:
         entry["unsteady"] = gate.unsteady
     return entry
@@ -273,7 +291,8 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     gate = unless_oom(lambda: steady_gate_samples(workload.measure_paired, optimal, attempts=attempts,
                                                   pause_s=steady_pause_s, progress=report), optimal)
     gate = gate or GateSamples()
-    batch1_samples = unless_oom(lambda: workload.measure(1), 1) or []
+    smallest = smallest_batch(workload)
+    batch1_samples = unless_oom(lambda: workload.measure(smallest), smallest) or []
     return Remeasurement(throughput_samples=gate.model, batch1_throughput_samples=batch1_samples,
                          peak_memory_bytes=peak, oom_batches=oom_batches, fingerprint=workload.fingerprint(),
                          reference_samples=gate.reference, reference_kind=gate.reference_kind,

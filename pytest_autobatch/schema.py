@@ -159,6 +159,7 @@ _FIELDS: dict[str, tuple[bool, bool, Check]] = {
     "optimal_band": (False, True, _non_negative),
     "tolerance": (False, True, _non_negative),      # older name of optimal_band
     "batch1_throughput": (False, True, _positive),
+    "min_batch": (False, True, _batch),
     "batch1_throughput_samples": (False, True, _samples),
     "speedup": (False, True, _positive),
     "max_batch_peak_memory_bytes": (False, True, _bytes),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .arguments import check_call, check_marker
 from .baselines import BaselineStore, entry_key, module_key, split_entry_key
 from .devices.base import Device, Workload
 from .errors import BaselineError, ConfigError
@@ -108,12 +109,21 @@ class BatchResult:
 
     def missed_targets(self, *, min_speedup: float | None = None, max_latency_s: float | None = None,
                        min_throughput: float | None = None, max_memory_bytes: int | None = None) -> str | None:
-        """A sentence naming every target this result misses, with the numbers; None when all are met."""
+        """A sentence naming every target this result misses, with the numbers; None when all are met.
+
+        On a machine too busy to judge throughput (an inconclusive verdict) the timing targets
+        (speedup, latency, throughput) are not judged either: only the memory target is.
+        """
+        check_marker({"min_speedup": min_speedup, "max_latency_s": max_latency_s,
+                      "min_throughput": min_throughput, "max_memory_bytes": max_memory_bytes}, "expect()")
+        if self.verdict == "inconclusive":
+            min_speedup = max_latency_s = min_throughput = None
         missed = []
         if min_speedup is not None and self.speedup < min_speedup:
             evidence = self._speedup_evidence(min_speedup)
             if evidence is not None:
-                missed.append(f"speedup {self.speedup:.2f}x over batch 1 is below {min_speedup:.2f}x"
+                smallest = self.entry.get("min_batch", 1)
+                missed.append(f"speedup {self.speedup:.2f}x over batch {smallest} is below {min_speedup:.2f}x"
                               f"{evidence}")
         if max_latency_s is not None and self.latency_s > max_latency_s:
             missed.append(f"latency {self.latency_s * 1e3:.2f} ms per batch of {self.optimal_batch} "
@@ -228,15 +238,20 @@ class AutobatchSession:
             name: str | None = None, max_latency_s: float | None = None, cap: int | None = None,
             **options: Any) -> BatchResult:
         """The result for ``model`` in test ``nodeid``: searched once per session, else from the baseline."""
+        check_call(name=name, cap=cap, max_latency_s=max_latency_s, mode=mode)
         key = entry_key(nodeid, name or model_name(model, mode))
         if key in self.results:
             if self._callers[key] != (id(model), mode):
                 raise ConfigError(f"{key} is already the name of another model or mode in this test: "
                                   f"give each optimal_batch call its own name='...'")
             return self.results[key]
-        if max_latency_s is not None and not max_latency_s > 0:
-            raise ConfigError(f"max_latency_s must be a positive number of seconds, got {max_latency_s!r}")
         workload = self.device.workload(model, example_input, mode=mode, **options)
+        limit = getattr(workload, "batch_limit", None)   # a dataset's size
+        if isinstance(limit, int) and limit < (DEFAULT_CAP if cap is None else cap):
+            self.messages.append(f"{key}: the dataset has {limit} samples, fewer than the largest batch "
+                                 f"the search could try ({DEFAULT_CAP if cap is None else cap}): the search "
+                                 f"is capped at {limit}; give a larger dataset to search further")
+            cap = limit
         try:
             result = self._result(key, workload, max_latency_s=max_latency_s, cap=cap)
         finally:

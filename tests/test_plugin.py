@@ -101,11 +101,15 @@ def test_record_then_cached_run_does_no_search(project):
 
 
 def test_report_option_writes_the_report_of_the_baselines_at_session_end(project):
-    result = project.runpytest(*SIM, "--autobatch-report=out")
+    # In a subprocess: plotting imports numpy, which cannot be imported twice in one process,
+    # and an in-process run unloads what it imported.
+    result = project.runpytest_subprocess(*SIM, "--autobatch-report=out")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["autobatch report written to *report.md"])
     report = (project.path / "out" / "report.md").read_text()
     assert "toy" in report and "sim-h100" in report
+    this_run = report.split("## Devices")[0]
+    assert "pytest-autobatch: this run" in this_run and this_run.count("| recorded |") == 3
     assert list((project.path / "out").rglob("*.png"))
 
 
@@ -183,6 +187,8 @@ def test_ini_options_configure_the_run(project):
     (("--autobatch-memory-tolerance=150%",), "*'150%' is not a tolerance*"),
     (("--autobatch-device=tpu",), "*argument --autobatch-device: unknown device 'tpu'*sim:PROFILE*"),
     (("--autobatch-memory-budget=lots",), "*argument --autobatch-memory-budget*not a size*2GiB*"),
+    (("--autobatch-inconclusive=ignore",), "*argument --autobatch-inconclusive: 'ignore' is not a choice: use warn, "
+                                           "retry, fail*"),
 ])
 def test_bad_option_values_are_usage_errors(project, args, message):
     result = project.runpytest(*args)
@@ -429,3 +435,63 @@ def test_escape_sequences_in_a_stored_key_are_shown_escaped(project):
     output = result.stdout.str() + result.stderr.str()
     assert "\x1b[2J" not in output and "\\x1b[2J" in output
     assert json.loads(path.read_text()) == document
+
+
+def test_github_step_summary_gets_this_runs_verdicts(project, monkeypatch):
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+    summary = project.path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    project.makepyfile(test_models=MODELS.format(flops=6e10, activations=50_000_000))
+    project.runpytest(*SIM).assert_outcomes(passed=3, failed=1)
+    text = summary.read_text()
+    assert "pytest-autobatch: this run" in text and "relative change" in text and "machine" in text
+    toy = next(line for line in text.splitlines() if line.startswith("| test_models.py::test_toy::toy"))
+    assert "**failed**" in toy and "-3" in toy
+    assert "- **failed**: toy on NVIDIA H100 80GB HBM3 (simulated): throughput regression:" in text
+
+
+def test_marker_max_latency_limits_the_search_as_the_keyword_does(pytester):
+    test = '''
+        import pytest
+        from pytest_autobatch.devices.simulated import SimulatedModel
+        MODEL = SimulatedModel("toy", weights_bytes=2 * 10**9, activation_bytes_per_sample=5 * 10**7,
+                               flops_per_sample=4e10 / 16)
+
+        @pytest.mark.autobatch({marker})
+        def test_model(optimal_batch):
+            result = optimal_batch(MODEL)
+            print(f"RESULT {{result.optimal_batch}} {{result.entry['max_latency_s']}}")
+    '''
+
+    def optimal(run):
+        line = next(line for line in run.outlines if "RESULT " in line)
+        batch, limit = line.split("RESULT ")[1].split()[:2]
+        return int(batch), limit
+
+    pytester.makepyfile(test_latency=test.format(marker=""))
+    free = pytester.runpytest(*SIM, "-s")
+    free.assert_outcomes(passed=1)
+    free_batch, _ = optimal(free)
+    entry = json.loads(baseline(pytester, "sim-h100").with_name("test_latency.json").read_text())
+    [row] = [row for row in entry["entries"]["test_latency.py::test_model::toy"]["probes"]
+             if row["batch"] == free_batch]
+    limit = row["latency_s"] / 2
+    pytester.makepyfile(test_latency=test.format(marker=f"max_latency_s={limit!r}"))
+    limited = pytester.runpytest(*SIM, "-s", "--autobatch-update")
+    limited.assert_outcomes(passed=1)
+    limited_batch, stored_limit = optimal(limited)
+    assert limited_batch < free_batch and float(stored_limit) == limit
+    entry = json.loads(baseline(pytester, "sim-h100").with_name("test_latency.json").read_text())
+    [row] = [row for row in entry["entries"]["test_latency.py::test_model::toy"]["probes"]
+             if row["batch"] == limited_batch]
+    assert row["latency_s"] <= limit
+    pytester.makepyfile(test_bad_marker='''
+        import pytest
+        @pytest.mark.autobatch(max_latency_s="10ms")
+        def test_bad():
+            pass
+    ''')
+    bad = pytester.runpytest(*SIM, "test_bad_marker.py")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*test_bad: autobatch marker max_latency_s='10ms' (str): max_latency_s must be "
+                              "a number of seconds > 0*"])

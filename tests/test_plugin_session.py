@@ -236,3 +236,13 @@ def test_a_baseline_recorded_on_a_busy_machine_is_retried_then_says_so(tmp_path)
     assert device.paired == 3 * quiet.paired   # measured again twice before giving up
     again = session(tmp_path).run("t.py::test_a", MODEL)
     assert "recorded_unsteady" in [f.kind for f in again.findings] and not again.failed
+
+
+def test_timing_targets_are_not_judged_on_a_busy_machine_but_memory_is(tmp_path):
+    session(tmp_path).run("t.py::test_a", MODEL)
+    busy = counting(slowdown=3.0, unsteady=("its threads waited for a CPU 150% of the time",))
+    result = busy_session(tmp_path, busy).run("t.py::test_a", MODEL)
+    assert result.verdict == "inconclusive"
+    result.expect(min_speedup=1e9, min_throughput=1e12, max_latency_s=1e-9)   # not judged: too busy
+    with pytest.raises(AssertionError, match="peak memory"):
+        result.expect(min_speedup=1e9, max_memory_bytes=1)

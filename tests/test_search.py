@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pytest_autobatch.devices.simulated import SimulatedDevice, SimulatedModel, model_for_max_batch
 from pytest_autobatch.errors import ConfigError, NoBatchFits, OutOfMemory
-from pytest_autobatch.search import Probe, find_max_batch, find_optimal_batch, predicted_max_batch
+from pytest_autobatch.search import DEFAULT, Probe, find_max_batch, find_optimal_batch, predicted_max_batch
 from pytest_autobatch.strategies import simulated_models, simulated_workloads
 
 SEARCH = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -397,3 +397,96 @@ def test_non_oom_errors_while_timing_propagate_unchanged():
     with pytest.raises(ValueError) as caught:
         find_optimal_batch(measure, max_batch=8)
     assert caught.value is error
+
+
+@SEARCH
+@given(simulated_workloads(modes=("inference", "train")), st.sampled_from([64, 1000, 8192]),
+       st.integers(2, 5), st.booleans())
+def test_a_minimum_batch_is_probed_first_and_the_maximum_stays_certified(workload, cap, smallest, capacity):
+    """BatchNorm in training takes no batch of 1: the search starts at ``min_batch``, never below it."""
+    true_max = workload.true_max_batch(cap)
+    capacity_bytes = workload.device.capacity_bytes() if capacity else None
+    if true_max < smallest:
+        with pytest.raises(NoBatchFits, match=f"batch {smallest} \\(the smallest batch the model takes\\)"):
+            find_max_batch(workload.probe, cap=cap, capacity_bytes=capacity_bytes, min_batch=smallest)
+        return
+    result = find_max_batch(workload.probe, cap=cap, capacity_bytes=capacity_bytes, min_batch=smallest)
+    assert result.probes[0].batch == smallest and min(probe.batch for probe in result.probes) == smallest
+    assert result.max_batch == true_max
+    outcomes = {probe.batch: probe.fits for probe in result.probes}
+    assert outcomes[result.max_batch] is True
+    if result.max_batch < cap:
+        assert outcomes[result.max_batch + 1] is False
+
+
+@SEARCH
+@given(simulated_workloads(modes=("inference", "train")), caps, st.integers(2, 5), st.data())
+def test_a_minimum_batch_with_any_start_and_prediction_probes_nothing_below_it(workload, cap, smallest, data):
+    """A start below ``min_batch`` is raised to it, and a prediction with nothing below it (fake
+    tensors of BatchNorm in training) is corrected from ``min_batch``: the answer stays exact."""
+    cap = max(cap, smallest)
+    true_max = workload.true_max_batch(cap)
+    start = data.draw(st.integers(1, 2 * max(true_max, 1) + 2))
+    predictor = data.draw(_predictors(workload))
+
+    def predict(batch):
+        return None if batch < smallest else predictor(batch)
+
+    capacity = workload.device.capacity_bytes()
+    options = dict(cap=cap, capacity_bytes=capacity, start=start, min_batch=smallest, predict=predict)
+    if true_max < smallest:
+        with pytest.raises(NoBatchFits, match=f"batch {smallest} \\(the smallest batch the model takes\\)"):
+            find_max_batch(workload.probe, **options)
+        return
+    result = find_max_batch(workload.probe, **options)
+    outcomes = {probe.batch: probe.fits for probe in result.probes}
+    assert min(outcomes) >= smallest and len(result.probes) == len(outcomes)
+    assert result.max_batch == true_max and outcomes[true_max] is True
+    assert true_max == cap or outcomes[true_max + 1] is False
+
+
+@SEARCH
+@given(simulated_workloads(min_max_batch=3))
+def test_the_exact_start_above_a_minimum_batch_takes_two_probes(workload):
+    """An exact prediction known only from ``min_batch`` up is trusted as much as one from batch 1."""
+    true_max = workload.true_max_batch(8192)
+    exact = workload.device.workload(dataclasses.replace(workload.model, prediction_error=0.0))
+    result = find_max_batch(workload.probe, capacity_bytes=workload.device.capacity_bytes(), start=true_max,
+                            min_batch=2, predict=lambda b: None if b < 2 else exact.predict_peak_bytes(b))
+    assert [probe.batch for probe in result.probes] == [true_max, true_max + 1][:1 + (true_max < 8192)]
+
+
+def test_a_start_that_does_not_fit_falls_back_to_the_minimum_batch():
+    seen = []
+
+    def probe(batch):
+        seen.append(batch)
+        if batch > 2:
+            raise OutOfMemory("too big", available_bytes=1000)
+        return 900
+
+    assert find_max_batch(probe, capacity_bytes=1000, start=50, min_batch=2).max_batch == 2
+    assert seen == [50, 30, 2, 3]
+    seen.clear()
+    with pytest.raises(NoBatchFits, match="batch 3 \\(the smallest batch the model takes\\)"):
+        find_max_batch(probe, capacity_bytes=1000, start=50, min_batch=3)
+    assert seen == [50, 30, 3]
+
+
+@pytest.mark.parametrize("modelled", [True, False])
+def test_the_optimal_search_measures_nothing_below_the_minimum_batch(modelled):
+    """The modelled search measures the largest batch, then ``min_batch``; the sweep starts at it."""
+    measured = []
+
+    def measure(batch):
+        measured.append(batch)
+        return [min(batch, 40) * 10.0] * 3
+
+    tuning = DEFAULT if modelled else dataclasses.replace(DEFAULT, throughput_model=False)
+    result = find_optimal_batch(measure, max_batch=100, min_batch=3, tuning=tuning)
+    assert measured[:2] == ([100, 3] if modelled else [3, 6]) and min(measured) == 3
+    assert 36 <= result.optimal_batch <= 40
+    with pytest.raises(ConfigError, match="max_batch must be an integer >= 3"):
+        find_optimal_batch(measure, max_batch=2, min_batch=3)
+    with pytest.raises(ConfigError, match="cap must be an integer >= 3"):
+        find_max_batch(lambda batch: batch, cap=2, min_batch=3)

@@ -162,8 +162,8 @@ def test_nvml_is_not_available_on_this_cpu_machine():
 
 def test_timing_syncs_at_block_ends_only_and_keeps_raw_samples():
     events = []
-    budget = TimingBudget(warmup_s=0.0, warmup_iterations=2, block_s=0.004, min_blocks=4,
-                          max_blocks=4, max_time_s=10.0, spread=0.0)
+    budget = TimingBudget(warmup_s=0.0, warmup_iterations=2, block_s=0.05, min_blocks=4,
+                          max_blocks=4, max_time_s=10.0, spread=0.0)   # 1 ms runs: even a loaded machine fits two
 
     def run():
         events.append("run")

@@ -116,8 +116,9 @@ def test_budget_oom_on_a_huge_batch_never_allocates_it_and_memory_comes_back(res
 
 
 class _OomAfterAllocating(torch.nn.Module):
-    """Past batch 1, allocates an activation, then fails like an allocator would; optionally leaks
-    the activation. (Batch 1 runs: the workload checks its example input on it.)"""
+    """Past batch 2, allocates an activation, then fails like an allocator would; optionally leaks
+    the activation. (Batches 1 and 2 run: the workload checks its example input, and one sample
+    more, on them.)"""
 
     def __init__(self, leak_into: list | None = None):
         super().__init__()
@@ -126,7 +127,7 @@ class _OomAfterAllocating(torch.nn.Module):
         self.activation_ref = None
 
     def forward(self, x):
-        if x.shape[0] == 1:
+        if x.shape[0] <= 2:
             return self.linear(x)
         activation = self.linear(x).repeat(1, 1000)
         self.activation_ref = weakref.ref(activation)
@@ -159,10 +160,10 @@ def test_oom_that_leaves_memory_behind_is_reported_as_a_leak():
 
 
 class _Broken(torch.nn.Module):
-    """Fails past batch 1 (batch 1 is where the workload checks its example input)."""
+    """Fails past batch 2 (batches 1 and 2 are where the workload checks its example input)."""
 
     def forward(self, x):
-        if x.shape[0] > 1:
+        if x.shape[0] > 2:
             raise ValueError("shape mismatch in user code")
         return x
 
@@ -170,7 +171,7 @@ class _Broken(torch.nn.Module):
 def test_a_non_oom_error_propagates_unchanged():
     workload = CpuDevice().workload(_Broken(), torch.randn(1, 4))
     with pytest.raises(ValueError, match="shape mismatch in user code"):
-        workload.probe(2)
+        workload.probe(3)
 
 
 class _ReadsItsInput(torch.nn.Module):

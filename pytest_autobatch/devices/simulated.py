@@ -41,7 +41,8 @@ REFERENCE_UNITS_PER_S = 1000.0  # the CUDA caching allocator reserves large segm
 # two Adam states (4x weights), saves activations for backward (~3x) and does ~3x the FLOPs.
 _MODE_FACTORS = {"inference": (1.0, 1.0, 1.0), "train": (4.0, 3.0, 3.0), "generate": (1.0, 2.0, 1.0)}
 # Options the cpu/cuda workloads take; a simulated workload accepts and ignores them.
-_TORCH_ONLY_OPTIONS = frozenset({"loss_fn", "optimizer", "max_new_tokens", "dtype", "autocast"})
+_TORCH_ONLY_OPTIONS = frozenset({"loss_fn", "optimizer", "max_new_tokens", "dtype", "autocast", "batch_dim",
+                                 "min_batch", "make_batch", "dataset", "collate_fn", "largest"})
 
 
 @dataclass(frozen=True)

@@ -152,13 +152,25 @@ class LiveMemory(TorchDispatchMode):
 
 def state_tensors(model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
-    """What a workload holds between runs: parameters, their gradients, buffers, optimizer state."""
-    tensors = [*model.parameters(), *model.buffers()]
+    """What a workload holds between runs: parameters, their gradients, buffers, optimizer state,
+    and tensors modules keep as plain attributes (torchvision's anchor generator replaces its
+    ``cell_anchors`` list on every forward pass: not counted, the swap would read as a leak)."""
+    tensors = [*model.parameters(), *model.buffers(), *_attribute_tensors(model)]
     tensors += [param.grad for param in model.parameters() if param.grad is not None]
     if optimizer is not None:
         tensors += [value for state in optimizer.state.values() for value in state.values()
                     if isinstance(value, torch.Tensor)]
     return tensors
+
+
+def _attribute_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors held as plain module attributes, alone or in a list/tuple (not parameters or buffers)."""
+    found = []
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            found += [item for item in items if isinstance(item, torch.Tensor)]
+    return found
 
 
 class FakeModel:

@@ -1,8 +1,15 @@
 """A torch model and one kind of work (inference, a training step, generation) at any batch size.
 
-The example input's first dimension is the batch; a batch of ``b`` repeats its rows (every tensor
-of a dict/tuple/list input alike). A tensor input is called as ``model(x)``, a tuple/list as
-``model(*x)``, a dict as ``model(**x)``.
+Batches come from an example input (batched along ``batch_dim``, 0 by default; ``Samples`` lists
+batched by repeating samples), a ``make_batch(b)`` factory, or a ``dataset`` and ``collate_fn``
+(``torch_inputs``). A tensor input is called as ``model(x)``, a tuple/list as ``model(*x)``, a dict
+as ``model(**x)``, a ``Samples`` list as ``model(samples)``.
+
+Before any probe the workload runs what its mode runs (a forward pass; ``generate`` for generation)
+on the example, on the smallest batch the model takes (``min_batch``, or found by trying 1 and 2
+below the example's batch: BatchNorm in training needs 2) and on one sample more, so a model and an
+input that do not go together, or a batch taken along the wrong dimension, fail here with a message
+naming the shapes and the option to pass, never deep inside the search or silently.
 
 - ``inference``: a forward pass under ``torch.inference_mode()``.
 - ``train``: gradients zeroed (set to None), forward, ``loss_fn(output, inputs)`` (default: the sum
@@ -24,22 +31,39 @@ from functools import partial
 from typing import Any, Callable, Protocol
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..errors import ConfigError, NoBatchFits, catch_oom
 from ..stats import median
 from .base import MODES, PairedSamples, Watch, stable_hash
 from .reference import describe as describe_reference
 from .reference import make_reference
+from .torch_inputs import (
+    SMALLEST_PROBE_HINT,
+    BatchSource,
+    Leaf,
+    batch_size,
+    batched_leaves,
+    call_model,
+    describe,
+    expand,
+    suspicious_batch_dim,
+)
 from .torch_memory import FakeModel, Prediction, predict, state_tensors
 from .torch_timing import Meter, Timing, TimingBudget, measure_throughput
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
+#: Options of every mode: precision, timing, and where batches come from.
+_COMMON_OPTIONS = frozenset({"dtype", "autocast", "timing", "batch_dim", "min_batch", "make_batch", "dataset",
+                             "collate_fn", "largest"})
 _OPTIONS_BY_MODE = {
-    "inference": {"dtype", "autocast", "timing"},
-    "train": {"dtype", "autocast", "timing", "loss_fn", "optimizer"},
-    "generate": {"dtype", "autocast", "timing", "max_new_tokens"},
+    "inference": _COMMON_OPTIONS,
+    "train": _COMMON_OPTIONS | {"loss_fn", "optimizer"},
+    "generate": _COMMON_OPTIONS | {"max_new_tokens"},
 }
+#: Below the example's batch, these are tried for the smallest batch the model takes.
+_SMALL_BATCHES = (1, 2)
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                 "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -90,7 +114,7 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-# --- example inputs -------------------------------------------------------------------------
+# --- example inputs (see torch_inputs) -------------------------------------------------------
 
 def _leaves(example: Any, where: str = "example input") -> list[tuple[str, Any]]:
     """(location, value) for every leaf of a tensor / dict / tuple / list input."""
@@ -101,62 +125,22 @@ def _leaves(example: Any, where: str = "example input") -> list[tuple[str, Any]]
     return [(where, example)]
 
 
-def example_batch_size(example: Any) -> int:
-    """The example's batch size (its tensors' shared first dimension), or a ConfigError saying what is wrong."""
-    if example is None:
-        raise ConfigError("cpu/cuda workloads need an example input whose first dimension is the "
-                          "batch, e.g. torch.randn(1, 3, 224, 224) or {'input_ids': ids}")
-    tensors = [(where, value) for where, value in _leaves(example) if isinstance(value, torch.Tensor)]
-    if not tensors:
-        raise ConfigError(f"example input {type(example).__name__} holds no tensor: give a tensor, or "
-                          f"a dict/tuple/list of tensors whose first dimension is the batch")
-    sizes = {}
-    for where, tensor in tensors:
-        if tensor.dim() == 0:
-            raise ConfigError(f"{where} is a 0-dim tensor with no batch dimension: give it a leading "
-                              f"batch dimension, e.g. tensor.unsqueeze(0)")
-        sizes[where] = tensor.shape[0]
-    if len(set(sizes.values())) > 1:
-        raise ConfigError(f"example input tensors disagree on the batch size (first dimension): "
-                          f"{sizes}; give every tensor the same first dimension")
-    return next(iter(sizes.values()))
+def example_batch_size(example: Any, batch_dim: Any = None) -> int:
+    """The example's batch size (shared by its batched tensors), or a ConfigError saying what is wrong."""
+    return batch_size(example, batch_dim)
 
 
-def _map_tensors(example: Any, action: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(example, torch.Tensor):
-        return action(example)
-    if isinstance(example, dict):
-        return {key: _map_tensors(value, action) for key, value in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(_map_tensors(value, action) for value in example)
-    return example
+def expand_batch(example: Any, batch: int, batch_dim: Any = None) -> Any:
+    """The example with every tensor's rows (samples) repeated in turn to ``batch``: fresh memory, as real data."""
+    return expand(example, batch_dim, batch)
 
 
-def expand_batch(example: Any, batch: int) -> Any:
-    """The example with every tensor's rows repeated (cyclically) to ``batch`` rows: fresh memory, as real data."""
-    def expand(tensor: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(batch, device=tensor.device) % tensor.shape[0]
-        return tensor.index_select(0, rows)
-    return _map_tensors(example, expand)
-
-
-def _describe(example: Any) -> Any:
-    """Per-sample shapes and dtypes of the example (the batch dimension dropped), for fingerprints."""
-    if isinstance(example, torch.Tensor):
-        return {"shape": list(example.shape[1:]), "dtype": _dtype_name(example.dtype)}
-    if isinstance(example, dict):
-        return {str(key): _describe(value) for key, value in example.items()}
-    if isinstance(example, (tuple, list)):
-        return [_describe(value) for value in example]
-    return example if isinstance(example, (bool, int, float, str, type(None))) else type(example).__name__
-
-
-def call_model(model: Callable[..., Any], inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+def _positive_int(value: Any, option: str, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option}={value!r}: give an integer >= 1 ({what})")
+    return value
 
 
 def sum_of_outputs(output: Any, _inputs: Any = None) -> torch.Tensor:
@@ -225,45 +209,143 @@ class TorchWorkload:
         self.backend = backend
         self.model = model
         self.mode = mode
+        self.name = type(model).__name__
         self._check_model_device()
-        example_batch_size(example_input)
+        min_batch = _positive_int(options.get("min_batch"), "min_batch",
+                                  "the smallest batch the model takes, e.g. 2 for BatchNorm in training")
+        max_new_tokens = _positive_int(options.get("max_new_tokens"), "max_new_tokens",
+                                       "the number of tokens each generation makes")
+        self.loss_fn = options.get("loss_fn")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError(f"loss_fn={self.loss_fn!r} is not callable: give a function "
+                              f"loss_fn(output, inputs) returning a scalar loss")
+        if mode == "train" and not any(True for _ in model.parameters()):
+            raise ConfigError(f"mode='train': {self.name} has no parameters, so a training step has "
+                              f"nothing to update (an optimizer over it gets an empty parameter "
+                              f"list): give a model with parameters, or use mode='inference'")
 
         self.dtype = _dtype_option(options["dtype"], "dtype") if options.get("dtype") is not None else None
-        if self.dtype is not None:
-            model.to(self.dtype)
         autocast = options.get("autocast")
+        if autocast is not None and not isinstance(autocast, (bool, str, torch.dtype)):
+            raise ConfigError(f"autocast={autocast!r}: give True (the device's autocast dtype), False, "
+                              f"or a dtype such as torch.bfloat16 or 'fp16'")
         self.autocast_dtype = (None if autocast in (None, False) else
                                torch.get_autocast_dtype(backend.torch_device.type) if autocast is True
                                else _dtype_option(autocast, "autocast"))
-        self.example = _map_tensors(example_input, self._to_device)
         self.timing = TimingBudget.coerce(options.get("timing"))
-        self.loss_fn = options.get("loss_fn")
-        self.max_new_tokens = int(options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        self.source = BatchSource(self.name, example_input, batch_dim=options.get("batch_dim"),
+                                  make_batch=options.get("make_batch"), dataset=options.get("dataset"),
+                                  collate_fn=options.get("collate_fn"), largest=options.get("largest"),
+                                  to_device=self._to_device)
+        self.example_batch = (None if self.source.example is None
+                              else batch_size(self.source.example, self.source.batch_dim))
+        if self.source.kind == "example" and options.get("batch_dim") is None:
+            self._refuse_suspicious_batch_dim(suspicious_batch_dim(self.source.example))
+        #: The largest batch the inputs can make (a dataset's size); None: no limit.
+        self.batch_limit = self.source.limit
+        if self.dtype is not None:
+            model.to(self.dtype)
+        self.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         self.optimizer = _make_optimizer(options.get("optimizer"), model) if mode == "train" else None
         self._owns_optimizer = mode == "train" and options.get("optimizer") is None
         self._was_training = model.training
         model.train(mode == "train")
-        self._check_example_fits_model()
+        #: The smallest batch the search tries: the option, else the smallest the model takes.
+        self.min_batch = 1
+        self.described: Any = None
+        self._check_example_fits_model(min_batch)
         self._predictions: dict[int, Prediction | str] = {}
         self._throughput: dict[int, float] = {}
         self._measure_extras: dict[int, dict[str, Any]] = {}
         self._reference: Callable[[], None] | None = None
 
-    def _check_example_fits_model(self) -> None:
-        """One forward pass on the example as given, so a model and an example input that do not go
-        together fail here with a message that says so, not deep inside the search."""
+    def _refuse_suspicious_batch_dim(self, leaf: Leaf | None) -> None:
+        if leaf is None or leaf.shape is None:
+            return
+        other = leaf.shape.index(1, 1)
+        raise ConfigError(
+            f"{self.name}: {leaf.where} has shape {list(leaf.shape)}; dimension 0, taken as the batch, "
+            f"is {leaf.size} while dimension {other} is 1, so the batch is probably dimension {other} "
+            f"(an LSTM or Transformer with batch_first=False takes (sequence, batch, features)) and "
+            f"the search would count sequence steps as samples. Pass batch_dim={other} (an int per "
+            f"input when inputs differ, e.g. batch_dim={{'x': {other}}}), or batch_dim=0 to confirm "
+            f"that dimension 0 is the batch")
+
+    def _check_run(self, inputs: Any) -> tuple[BaseException | None, BaseException | None]:
+        """Run what the mode runs on ``inputs`` once: (error, out-of-memory error), None for each that
+        did not happen. A training step's forward pass runs without gradients."""
         try:
-            with catch_oom() as caught, torch.no_grad(), self._autocast():
-                call_model(self.model, self.example)
-        except Exception as exc:
-            raise ConfigError(
-                f"{type(self.model).__name__} fails on the example input {_describe(self.example)} "
-                f"(per-sample shapes, batch dimension first): {type(exc).__name__}: {exc}. "
-                f"Give an example input that the model's forward takes; this is not an out-of-memory "
-                f"error") from exc
-        if caught.error is not None:
-            raise NoBatchFits(f"{type(self.model).__name__}: the example input alone does not fit "
-                              f"on {self.backend.name}: {caught.error}") from caught.error
+            with catch_oom() as caught:
+                if self.mode == "train":
+                    with torch.no_grad(), self._autocast():
+                        call_model(self.model, inputs)
+                else:
+                    self.step(inputs)
+        except ConfigError:
+            raise
+        except Exception as exc:   # catch_oom let it through: not an out-of-memory error
+            return exc, None
+        return None, caught.error
+
+    def _check_example_fits_model(self, min_batch: int | None) -> None:
+        """The mode's work on the example as given, on the smallest batch the model takes and on one
+        sample more, so a model and inputs that do not go together, or a batch taken along the wrong
+        dimension, fail here with a message that says so, not deep inside the search."""
+        given = self.example_batch
+        first = min_batch or (given if given is not None else 1)
+        if self.batch_limit is not None and first > self.batch_limit:
+            raise ConfigError(f"{self.name}: the dataset has {self.batch_limit} samples, fewer than the "
+                              f"smallest batch asked for ({first}): give a larger dataset or a smaller min_batch")
+        inputs = self.source.example if first == given else self.source.build(first)
+        error, oom = self._check_run(inputs)
+        if error is not None:
+            what = (f"the example input {describe(inputs, self.source.batch_dim)} (per-sample shapes)"
+                    if first == given else f"a batch of {first} from {self.source.kind} "
+                    f"{describe(inputs, self.source.batch_dim)}")
+            hints = ["this is not an out-of-memory error"]
+            if isinstance(inputs, (tuple, list)) and self.source.kind == "example":
+                hints.append("a tuple/list input is passed as positional arguments, model(*inputs); a list "
+                             "of per-sample tensors (detection models) is Samples([...])")
+            if first == 1 and self.mode == "train":
+                hints.append(SMALLEST_PROBE_HINT)
+            raise ConfigError(f"{self.name} fails on {what}: {type(error).__name__}: {error}. Give inputs "
+                              f"that the model's {self._what_runs()} takes; {'; '.join(hints)}") from error
+        if oom is not None:
+            raise NoBatchFits(f"{self.name}: the example input alone (batch {first}) does not fit on "
+                              f"{self.backend.name}: {oom}") from oom
+        self.described = self.source.describe(inputs)
+        smallest, first_error = first, None
+        if min_batch is None:
+            for candidate in (batch for batch in _SMALL_BATCHES if batch < first):
+                error, oom = self._check_run(self.source.build(candidate))
+                if error is None:
+                    smallest = candidate
+                    break
+                first_error = first_error or error
+        self.min_batch = smallest
+        self._check_one_more(smallest if first_error is None else first, first_error)
+
+    def _check_one_more(self, batch: int, smaller_error: BaseException | None) -> None:
+        """One sample more than ``batch`` must run too, else the batch is not where it is taken."""
+        larger = batch + 1
+        if self.batch_limit is not None and larger > self.batch_limit:
+            return
+        inputs = self.source.build(larger)
+        error, _oom = self._check_run(inputs)
+        if error is None:
+            return
+        leaves = "; ".join(leaf.text() for leaf in batched_leaves(inputs, self.source.batch_dim, "input"))
+        also = "" if smaller_error is None else (f" (and at smaller batches: {type(smaller_error).__name__}: "
+                                                 f"{smaller_error})")
+        raise ConfigError(
+            f"{self.name} runs at batch {batch} but fails at batch {larger}, with the batch taken as {leaves}: "
+            f"{type(error).__name__}: {error}{also}. The dimension taken as the batch is probably not the "
+            f"batch: say where it is with batch_dim=... (an int, or one per input), pass a list of "
+            f"per-sample tensors (detection models) as Samples([...]), or build batches with "
+            f"make_batch=lambda b: ...") from error
+
+    def _what_runs(self) -> str:
+        return "generate()" if self.mode == "generate" else "forward"
 
     def _check_model_device(self) -> None:
         target = self.backend.torch_device
@@ -319,17 +401,23 @@ class TorchWorkload:
             call_model(partial(generate, **generate_kwargs), inputs)
 
     def run_batch(self, batch: int, optimizer: torch.optim.Optimizer | None = None,
-                  example: Any = None) -> None:
-        """Build a batch of ``batch`` samples and run one step on it (what a probe measures)."""
-        self.step(expand_batch(self.example if example is None else example, batch), optimizer)
+                  fake: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Build a batch of ``batch`` samples and run one step on it (what a probe measures). After a
+        failed training step (an OOM in backward) the gradients it left go, as a next step's would."""
+        try:
+            self.step(self.source.build(batch, fake), optimizer)
+        except BaseException:
+            if self.mode == "train" and fake is None:
+                self.model.zero_grad(set_to_none=True)
+            raise
 
     def resident_tensors(self) -> list[torch.Tensor]:
         return state_tensors(self.model, self.optimizer)
 
     def ensure_steady_state(self) -> None:
-        """A first training step at batch 1 creates the optimizer state every later step holds."""
+        """A first training step at the smallest batch creates the optimizer state every later step holds."""
         if self.optimizer is not None and not self.optimizer.state:
-            self.run_batch(1)
+            self.run_batch(self.min_batch)
 
     # --- Workload protocol ---
 
@@ -343,7 +431,7 @@ class TorchWorkload:
             "parameter_shapes_hash": stable_hash([(name, list(p.shape), _dtype_name(p.dtype)) for name, p in params]),
             "parameters": sum(p.numel() for _, p in params),
             "dtype": _dtype_name(first.dtype if first is not None else self.dtype),
-            "inputs": _describe(self.example),
+            "inputs": self.described,
             "mode": self.mode,
             "autocast": _dtype_name(self.autocast_dtype),
         }
@@ -352,6 +440,8 @@ class TorchWorkload:
             fingerprint["loss"] = getattr(self.loss_fn, "__qualname__", None) or "sum of outputs"
         if self.mode == "generate":
             fingerprint["max_new_tokens"] = self.max_new_tokens
+        if self.min_batch > 1:
+            fingerprint["min_batch"] = self.min_batch
         return fingerprint
 
     def _generation_reads(self) -> tuple[Callable[[torch.Tensor], Any], Callable[[], None]]:
@@ -377,14 +467,16 @@ class TorchWorkload:
         scalar_reads, remove_hook = self._generation_reads() if self.mode == "generate" else (None, None)
 
         def run(fake: FakeModel) -> Callable[[], None] | None:
-            example = fake.fake_inputs(self.example)
+            def to_fake(tensor: torch.Tensor) -> torch.Tensor:
+                return tensor if isinstance(tensor, FakeTensor) else fake.mode.from_tensor(tensor)
+
             if self.mode != "train":
-                self.run_batch(batch, example=example)
+                self.run_batch(batch, fake=to_fake)
                 return None
             assert self.optimizer is not None  # a train workload always has one
             optimizer = _fake_optimizer(self.optimizer, fake.parameters())
-            self.run_batch(1, optimizer, example)
-            return lambda: self.run_batch(batch, optimizer, example)
+            self.run_batch(self.min_batch, optimizer, to_fake)
+            return lambda: self.run_batch(batch, optimizer, to_fake)
 
         try:
             result: Prediction | str = predict(self.model, run, round_to=self.backend.prediction_rounding,
@@ -424,7 +516,7 @@ class TorchWorkload:
     def _timed(self, batch: int, *, meter: Meter | None, reference: Callable[[], None] | None = None) -> Timing:
         self.ensure_steady_state()
         before = self.backend.allocated_bytes()
-        step = partial(self.step, expand_batch(self.example, batch))
+        step = partial(self.step, self.source.build(batch))
         with catch_oom() as caught:
             timing = measure_throughput(step, batch, budget=self.timing, sync=self.backend.synchronize,
                                         meter=meter, reference=reference)

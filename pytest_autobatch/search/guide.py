@@ -28,16 +28,15 @@ class Guide:
         self.tuning = tuning
         self.jumped = False  # the last guided guess was a safe jump, not an aim at the limit
         self.predicted_limit: float | None = None  # from the last fit, however rough
-        self.prediction = Prediction(predict) if predict is not None and tuning.trust_prediction else None
+        self.prediction = (Prediction(predict, bracket.min_batch)
+                           if predict is not None and tuning.trust_prediction else None)
 
     def next_batch(self) -> int:
         """The model's guess, moved by the surprises since the bracket closed.
 
         Once bracketed, each surprise (an OOM where the model expected a fit, or the reverse) doubles
         how far the next guess must move from the side that surprised, up to bisection: a misled
-        model costs O(log) probes, never a walk one batch at a time. After an OOM the guess also
-        backs off ``oom_backoff_share`` of the bracket, so that the next probe likely fits and its
-        peak, close to the limit, corrects the model.
+        model costs O(log) probes, never a walk one batch at a time.
         """
         bracket = self.bracket
         if not bracket.probes:
@@ -57,27 +56,26 @@ class Guide:
             middle = (bracket.low + bracket.high) // 2
             if bracket.oom_streak and not (trusted and bracket.oom_streak == 1):
                 # A trusted prediction that overshot by a hair aims again from below at once.
-                backoff = max(2 ** (bracket.oom_streak - 1),
-                              int((bracket.high - bracket.low) * self.tuning.oom_backoff_share))
-                guess = min(guess, max(bracket.high - backoff, middle))
+                guess = min(guess, max(bracket.high - 2 ** (bracket.oom_streak - 1), middle))
             elif bracket.fit_streak:
                 guess = max(guess, min(bracket.low + 2 ** (bracket.fit_streak - 1), middle))
         return guess
 
     def first_batch(self) -> int:
-        """The start itself when memory can guide what follows (certified by its neighbour next), else 1."""
+        """The start itself when memory can guide what follows (certified by its neighbour next),
+        else ``min_batch`` (1 unless the model takes no smaller batch)."""
         bracket = self.bracket
         if bracket.start is not None and bracket.capacity is not None and self.tuning.start_first:
             return bracket.start
-        return 1
+        return bracket.min_batch
 
     def below_failed_start(self) -> int:
-        """After the start ran out of memory: ``start_backoff`` below it once, then batch 1."""
+        """After the start ran out of memory: ``start_backoff`` below it once, then ``min_batch``."""
         bracket = self.bracket
         assert bracket.high is not None
         if len(bracket.probes) == 1 and self.tuning.start_backoff:
-            return max(1, math.floor(bracket.high * (1 - self.tuning.start_backoff)))
-        return 1
+            return max(bracket.min_batch, math.floor(bracket.high * (1 - self.tuning.start_backoff)))
+        return bracket.min_batch
 
     def predicted_guess(self) -> int | None:
         """Where the prediction, corrected by the measured peaks, reaches capacity; None once it has
@@ -195,7 +193,8 @@ class Guide:
         return error, limit, resolution
 
     def first_jump(self) -> int:
-        """After one fitting probe b0: a safe fraction of the start prediction or of capacity * b0 / peak(b0).
+        """After one fitting probe b0 (batch 1, the smallest batch the model takes, or the start): a
+        safe fraction of the start prediction or of capacity * b0 / peak(b0).
 
         Memory at b >= b0 is at most b / b0 * peak(b0) for a line, and with up to ``curvature_prior``
         of it curved the limit is still at least (1 - curvature_prior) * capacity * b0 / peak(b0).
@@ -203,11 +202,11 @@ class Guide:
         bracket = self.bracket
         assert bracket.capacity is not None
         self.jumped = True
-        (only, peak), = bracket.peaks.items()
-        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity * only / max(peak, 1))
-        if bracket.start is not None and only < bracket.start < (bracket.high or bracket.cap + 1):
+        [(first, peak)] = bracket.peaks.items()
+        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity * first / max(peak, 1))
+        if bracket.start is not None and first < bracket.start < (bracket.high or bracket.cap + 1):
             safe = max(safe, int(bracket.start * self.tuning.start_safety))
-        return max(safe, 2)
+        return max(safe, first + 1)
 
 
 class Prediction:
@@ -216,12 +215,15 @@ class Prediction:
     Corrected at the largest batch that fit, ``low``: the predicted batch-dependent memory is
     scaled so that the prediction meets the peak measured there (a predictor that misjudges the
     activations misjudges them by a factor), M(b) = peak(low) + r * (P(b) - P(low)) with
-    r = (peak(low) - P(1)) / (P(low) - P(1)). When the prediction is exact, r is 1 and the aim is
-    the predicted maximum itself. ``expected`` keeps M at each batch aimed at, to check it.
+    r = (peak(low) - P(m)) / (P(low) - P(m)), m the smallest batch the model takes (1 unless it
+    needs more; a model that takes no batch of 1 has no prediction there either). When the
+    prediction is exact, r is 1 and the aim is the predicted maximum itself. ``expected`` keeps M
+    at each batch aimed at, to check it.
     """
 
-    def __init__(self, predict: Callable[[int], int | None]):
+    def __init__(self, predict: Callable[[int], int | None], min_batch: int = 1):
         self.predict = predict
+        self.min_batch = min_batch
         self.cache: dict[int, int | None] = {}
         self.expected: dict[int, float] = {}
         self.sample_bytes = 0.0  # the corrected prediction's memory per sample at the last aim
@@ -237,10 +239,10 @@ class Prediction:
         none does (the neighbour that certifies ``low``); None when the prediction cannot be used."""
         if ceiling <= low:
             return None
-        first, at_low, after = self.at(1), self.at(low), self.at(low + 1)
+        first, at_low, after = self.at(self.min_batch), self.at(low), self.at(low + 1)
         if first is None or at_low is None or after is None or after <= at_low:
             return None
-        ratio = (peak - first) / (at_low - first) if low > 1 and at_low > first else 1.0
+        ratio = (peak - first) / (at_low - first) if low > self.min_batch and at_low > first else 1.0
         if ratio <= 0:
             return None
         target = at_low + (capacity - peak) / ratio   # predicted bytes where memory meets capacity
@@ -276,30 +278,31 @@ class Prediction:
 
 
 def predicted_max_batch(predict_peak_bytes: Callable[[int], int | None], capacity_bytes: int,
-                        cap: int = 8192, *, predictions: int = 4) -> int | None:
+                        cap: int = 8192, *, predictions: int = 4, smallest: int = 1) -> int | None:
     """The largest batch <= cap predicted to fit ``capacity_bytes`` (a ``start`` for
-    find_max_batch); 0 when even batch 1 is predicted not to fit, None when there is no prediction.
+    find_max_batch); 0 when even batch ``smallest`` (1, or the smallest the model takes) is predicted
+    not to fit, None when there is no prediction.
 
-    Secant steps through (1, peak(1)) and the latest estimate, so a handful of predictions is
+    Secant steps through (smallest, peak(smallest)) and the latest estimate, so a handful of predictions is
     enough (each can cost a second on fake tensors): exact for linear memory, converging to the
     batch whose predicted peak meets the capacity when memory curves.
     """
-    first = predict_peak_bytes(1)
+    first = predict_peak_bytes(smallest)
     if first is None:
         return None
     if first > capacity_bytes:
         return 0
-    estimate = min(16, cap)
+    estimate = min(max(16, smallest + 1), cap)
     for _ in range(predictions - 1):
-        if estimate == 1:
-            return 1
+        if estimate == smallest:
+            return smallest
         predicted = predict_peak_bytes(estimate)
         if predicted is None:
             return None
-        per_sample = (predicted - first) / (estimate - 1)
+        per_sample = (predicted - first) / (estimate - smallest)
         if per_sample <= 0:
             return cap
-        refined = max(1, min(cap, 1 + int((capacity_bytes - first) / per_sample)))
+        refined = max(smallest, min(cap, smallest + int((capacity_bytes - first) / per_sample)))
         if refined == estimate:
             break
         estimate = refined

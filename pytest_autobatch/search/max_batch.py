@@ -47,33 +47,38 @@ def _attempt(probe: Callable[[int], int], bracket: Bracket, batch: int) -> bool:
 
 
 def find_max_batch(probe: Callable[[int], int], *, cap: int = 8192, capacity_bytes: int | None = None,
-                   start: int | None = None, tuning: Tuning = DEFAULT,
+                   start: int | None = None, min_batch: int = 1, tuning: Tuning = DEFAULT,
                    predict: Callable[[int], int | None] | None = None) -> MaxBatchResult:
     """The exact largest batch <= ``cap`` that fits; see the module docstring.
 
     ``capacity_bytes`` (memory the search may use) lets the guide aim at the limit; ``start`` is a
-    predicted maximum batch to begin from: with a capacity it is probed first (not batch 1) and
-    certified by its neighbour. ``predict(b)``: predicted peak bytes at b (None: unknown), the
-    shape the guide corrects by the measured peaks and follows while it keeps agreeing with them.
-    Raises NoBatchFits when batch 1 does not fit.
+    predicted maximum batch to begin from: with a capacity it is probed first and certified by its
+    neighbour. ``min_batch`` is the smallest batch the model takes (2 for BatchNorm in training):
+    probed first when there is no such start, and nothing below it is ever probed. ``predict(b)``:
+    predicted peak bytes at b (None: unknown), the shape the guide corrects by the measured peaks
+    and follows while it keeps agreeing with them. Raises NoBatchFits when ``min_batch`` does not fit.
     """
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-        raise ConfigError(f"cap must be an integer >= 1 (the largest batch to try), got {cap!r}")
+    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+        raise ConfigError(f"min_batch must be an integer >= 1 (the smallest batch the model takes), "
+                          f"got {min_batch!r}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < min_batch:
+        raise ConfigError(f"cap must be an integer >= {min_batch} (the largest batch to try; the smallest "
+                          f"the model takes is {min_batch}), got {cap!r}")
     if capacity_bytes is not None and not capacity_bytes > 0:
         raise ConfigError(f"capacity_bytes must be > 0 or None (unknown), got {capacity_bytes!r}")
     if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
         raise ConfigError(f"start must be an integer >= 1 or None, got {start!r}")
-    bracket = Bracket(cap, capacity_bytes, start)
+    bracket = Bracket(cap, capacity_bytes, start, min_batch)
     guide = Guide(bracket, tuning, predict)
     while not bracket.settled:
         _attempt(probe, bracket, bracket.inside(guide.next_batch()))
-    if bracket.low == 0:  # batch 1 ran out of memory (the bracket only settles at 0 when high is 1)
-        raise NoBatchFits(_no_fit_message(bracket.last_oom, bracket.capacity))
+    if bracket.low == 0:  # min_batch ran out of memory (the bracket only settles at 0 when high is min_batch)
+        raise NoBatchFits(_no_fit_message(bracket.last_oom, bracket.capacity, min_batch))
     return MaxBatchResult(bracket.low, bracket.probes, sum(not p.fits for p in bracket.probes),
                           bracket.capacity)
 
 
-def _no_fit_message(error: BaseException | None, capacity: int | None) -> str:
+def _no_fit_message(error: BaseException | None, capacity: int | None, batch: int = 1) -> str:
     needed = error.needed_bytes if isinstance(error, OutOfMemory) else None
     available = error.available_bytes if isinstance(error, OutOfMemory) else None
     available = available if available is not None else capacity
@@ -84,7 +89,8 @@ def _no_fit_message(error: BaseException | None, capacity: int | None) -> str:
     if available is not None:
         amounts.append(f"{unit(available)} available")
     detail = ", ".join(amounts) if amounts else str(error)
-    return (f"batch 1 does not fit in memory: {detail}. Use a smaller model, a lower precision, "
+    smallest = "" if batch == 1 else " (the smallest batch the model takes)"
+    return (f"batch {batch}{smallest} does not fit in memory: {detail}. Use a smaller model, a lower precision, "
             f"or a device with more memory")
 
 

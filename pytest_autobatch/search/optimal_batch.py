@@ -87,19 +87,25 @@ class _OomWhileTiming(Exception):
 
 
 def find_optimal_batch(measure: Callable[[int], list[float]], *, max_batch: int, band: float = 0.03,
-                       max_latency_s: float | None = None, tuning: Tuning = DEFAULT) -> OptimalBatchResult:
+                       max_latency_s: float | None = None, min_batch: int = 1,
+                       tuning: Tuning = DEFAULT) -> OptimalBatchResult:
     """The smallest batch within ``band`` of the best throughput, among batches meeting the latency limit.
 
-    A geometric sweep 1, 2, 4, ... max_batch (stopping at the first batch over the latency limit),
-    then a geometric golden-section-like refinement around the best batch (throughput can rise,
+    Without a latency limit: max_batch and min_batch (1 unless the model needs more) first, then
+    only where a model of the step time puts the peak and the band crossing (``_modelled``). With
+    one (or with ``tuning.throughput_model`` off): a geometric sweep min_batch, 2 min_batch,
+    4 min_batch, ... max_batch (stopping at the first batch over the latency limit), then a
+    geometric golden-section-like refinement around the best batch (throughput can rise,
     saturate and fall), then bisection of the crossing into the band.
 
     Timing runs more steps than a probe: fragmentation or autotuning can tip a batch at the memory
     edge over. The sweep then starts again below it, reusing what was measured, with the new
     ceiling halfway between the largest batch timed and the one that failed: a few OOMs at most.
     """
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+        raise ConfigError(f"min_batch must be an integer >= 1, got {min_batch!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < min_batch:
+        raise ConfigError(f"max_batch must be an integer >= {min_batch} (min_batch), got {max_batch!r}")
     if not 0 <= band < 1:
         raise ConfigError(f"band must be a fraction in [0, 1) (0.03 = within 3% of the best), "
                           f"got {band!r}")
@@ -122,34 +128,35 @@ def find_optimal_batch(measure: Callable[[int], list[float]], *, max_batch: int,
 
     while True:
         try:
-            result = _optimal_batch(measure_once, max_batch, band, max_latency_s, tuning)
+            result = _optimal_batch(measure_once, max_batch, band, max_latency_s, tuning, min_batch)
         except _OomWhileTiming as oom:
             failed = min(oom_batches)
-            max_batch = (max((b for b in measured if b < failed), default=0) + failed) // 2
-            if max_batch < 1:
-                raise NoBatchFits(f"batch 1 ran out of memory while being timed ({oom.error})") from oom.error
+            max_batch = (max((b for b in measured if b < failed), default=min_batch - 1) + failed) // 2
+            if max_batch < min_batch:
+                raise NoBatchFits(f"batch {min_batch} ran out of memory while being timed ({oom.error})") \
+                    from oom.error
             continue
         result.oom_batches = sorted(oom_batches)
         return result
 
 
 def _optimal_batch(measure: Callable[[int, int], list[float]], max_batch: int, band: float,
-                   max_latency_s: float | None, tuning: Tuning) -> OptimalBatchResult:
+                   max_latency_s: float | None, tuning: Tuning, min_batch: int = 1) -> OptimalBatchResult:
     sweep = _ThroughputSweep(measure, max_latency_s)
     if tuning.throughput_model and max_latency_s is None:
-        optimal = _modelled(sweep, max_batch, band, tuning)
+        optimal = _modelled(sweep, min_batch, max_batch, band, tuning)
         best = sweep.best()
         return OptimalBatchResult(optimal, sweep.medians[optimal], best, sweep.medians[best], sweep.samples,
                                   band, max_latency_s, max_batch=max_batch)
-    batch = 1
+    batch = min_batch
     while True:
         sweep.run(batch)
         if not sweep.feasible(batch) or batch == max_batch:
             break
         batch = min(2 * batch, max_batch)
-    if not sweep.feasible(1):
-        raise ConfigError(f"no batch meets max_latency_s={max_latency_s}: batch 1 takes "
-                          f"{1 / sweep.medians[1]:.4g} s; raise the limit")
+    if not sweep.feasible(min_batch):
+        raise ConfigError(f"no batch meets max_latency_s={max_latency_s}: batch {min_batch} takes "
+                          f"{min_batch / sweep.medians[min_batch]:.4g} s; raise the limit")
     _refine_peak(sweep, tuning.peak_resolution)
     optimal = _refine_crossing(sweep, band, tuning.crossing_resolution)
     best = sweep.best()
@@ -185,9 +192,10 @@ def _refine_crossing(sweep: _ThroughputSweep, band: float, resolution: float) ->
         sweep.run(middle)
 
 
-def _modelled(sweep: _ThroughputSweep, max_batch: int, band: float, tuning: Tuning) -> int:
-    """The largest batch and batch 1 first, then only where a model of the step time says the peak
-    and the band crossing are; the smallest measured batch within ``band`` of the best measured.
+def _modelled(sweep: _ThroughputSweep, min_batch: int, max_batch: int, band: float, tuning: Tuning) -> int:
+    """The largest batch and the smallest (``min_batch``, 1 unless the model needs more) first, then
+    only where a model of the step time says the peak and the band crossing are; the smallest
+    measured batch within ``band`` of the best measured.
 
     Seconds per step s(b) = b / throughput(b) is close to a line in b (a fixed overhead plus a
     cost per sample, the overhead dominating until the device saturates) and bends upwards past a
@@ -197,8 +205,8 @@ def _modelled(sweep: _ThroughputSweep, max_batch: int, band: float, tuning: Tuni
     meets the band's throughput; it is measured there until the neighbours are close.
     """
     sweep.run(max_batch)
-    if max_batch > 1:
-        sweep.run(1)
+    if max_batch > min_batch:
+        sweep.run(min_batch)
     aimed: list[int] = []   # batches measured where the model put the crossing
     while True:
         batch = _peak_step(sweep, tuning.peak_resolution, tuning.peak_margin)
@@ -283,19 +291,30 @@ def _knee(sweep: _ThroughputSweep, best: int) -> tuple[float, int] | None:
 
 def _crossing_step(sweep: _ThroughputSweep, band: float, resolution: float, aimed: list[int]) -> int | None:
     """Where the step-time line through the crossing's neighbours meets the band; None when they are
-    close, or when the batch aimed at last landed inside the band as the line said it would."""
+    close, or when the batch aimed at last landed inside the band and nothing below it can be.
+
+    Step time bends upwards (a launch-bound flat stretch, then a cost per sample; a knee), and a
+    line through a bend lies above it: its aim can overshoot the crossing. Step time never falls
+    as the batch grows, though, so no batch below threshold * s(below) reaches the band; when the
+    line's aim landed inside, that floor is measured before the aim is believed: inside the band, it
+    is the crossing; below it, the line through it and the aim either agrees with the aim (a
+    straight stretch: done) or aims lower.
+    """
     threshold = (1 - band) * sweep.medians[sweep.best()]
     inside = min(b for b in sweep.medians if sweep.medians[b] >= threshold)
     below = sweep.neighbours(inside)[0]
     if below is None or inside / below <= resolution or _between(below, inside) is None:
         return None
-    if aimed and aimed[-1] == inside:
-        return None
     step_below, step_inside = below / sweep.medians[below], inside / sweep.medians[inside]
+    if aimed and aimed[-1] == inside:
+        floor = math.ceil(threshold * step_below)
+        return floor if below < floor < inside else None
     slope = (step_inside - step_below) / (inside - below)
     # b / (step_below + slope * (b - below)) = threshold, solved for b.
     denominator = 1 - threshold * slope
     if denominator <= 0:
         return _between(below, inside)
     crossing = threshold * (step_below - slope * below) / denominator
+    if inside in aimed and inside <= resolution * crossing:
+        return None   # the line through the floor below still puts the crossing at its earlier aim
     return min(max(math.ceil(crossing), below + 1), inside - 1)

@@ -30,9 +30,6 @@ class Tuning:
     leverage_weight: float = 0.25
     #: Peaks this many batches apart at least tell curvature from jitter (up to one sample each).
     curvature_spread: int = 2
-    #: After an OOM the next guess backs off at least this share of the bracket: an aim that
-    #: overshot by a few batches would otherwise walk down one OOM at a time.
-    oom_backoff_share: float = 1 / 32
     #: Geometric growth (no trustworthy fit yet) goes to this share of a rough fit's limit...
     growth_share: float = 1 / 3
     #: ...by a factor of at most this: two peaks a batch apart give the slope only within its jitter.
@@ -67,7 +64,6 @@ OFF: dict[str, object] = {
     "curvature_prior": 0.0,       # trust a line fitted through the peaks
     "leverage_weight": 0.0,       # judge the fit by its slope error alone
     "curvature_spread": 1,        # fit a parabola through any three peaks
-    "oom_backoff_share": 0.0,     # after an OOM, back off by the surprise count only
     "growth_share": 0.0,          # plain doubling until the first OOM
     "min_jump_share": 1.0,        # jump only when the fit is good enough to aim
     "throughput_model": False,    # time every power of two up to the maximum, then refine
