@@ -95,12 +95,13 @@ def test_any_start_and_any_prediction_give_the_exact_certified_maximum(workload,
 
 
 @SEARCH
-@given(simulated_workloads(min_max_batch=2))
-def test_the_exact_start_with_an_exact_prediction_takes_two_probes(workload):
+@given(simulated_workloads(min_max_batch=2), st.sampled_from([1, 2]))
+def test_the_exact_start_with_an_exact_prediction_takes_two_probes(workload, smallest):
+    """Also above a ``min_batch``, with nothing predicted below it (fake tensors of BatchNorm in training)."""
     true_max = workload.true_max_batch(8192)
     exact = workload.device.workload(dataclasses.replace(workload.model, prediction_error=0.0))
     result = find_max_batch(workload.probe, capacity_bytes=workload.device.capacity_bytes(), start=true_max,
-                            predict=exact.predict_peak_bytes)
+                            min_batch=smallest, predict=lambda b: None if b < smallest else exact.predict_peak_bytes(b))
     expected = [Probe(true_max, workload.needed_bytes(true_max))]
     if true_max < 8192:
         expected.append(Probe(true_max + 1, None))
@@ -118,22 +119,6 @@ def test_a_prediction_within_two_percent_takes_few_probes(workload, error):
     result = find_max_batch(workload.probe, capacity_bytes=capacity, start=start, predict=near.predict_peak_bytes)
     assert result.max_batch == workload.true_max_batch(8192)
     assert len(result.probes) <= 6 and result.ooms <= 3
-
-
-def test_a_start_that_does_not_fit_falls_back_to_batch_1():
-    seen = []
-
-    def probe(batch):
-        seen.append(batch)
-        if batch > 1:
-            raise OutOfMemory("too big", available_bytes=1000)
-        return 900
-
-    assert find_max_batch(probe, capacity_bytes=1000, start=50).max_batch == 1
-    assert seen == [50, 30, 1, 2]
-    with pytest.raises(NoBatchFits):
-        find_max_batch(lambda b: (_ for _ in ()).throw(OutOfMemory("none", available_bytes=10)),
-                       capacity_bytes=10, start=50)
 
 
 @SEARCH
@@ -445,32 +430,26 @@ def test_a_minimum_batch_with_any_start_and_prediction_probes_nothing_below_it(w
     assert true_max == cap or outcomes[true_max + 1] is False
 
 
-@SEARCH
-@given(simulated_workloads(min_max_batch=3))
-def test_the_exact_start_above_a_minimum_batch_takes_two_probes(workload):
-    """An exact prediction known only from ``min_batch`` up is trusted as much as one from batch 1."""
-    true_max = workload.true_max_batch(8192)
-    exact = workload.device.workload(dataclasses.replace(workload.model, prediction_error=0.0))
-    result = find_max_batch(workload.probe, capacity_bytes=workload.device.capacity_bytes(), start=true_max,
-                            min_batch=2, predict=lambda b: None if b < 2 else exact.predict_peak_bytes(b))
-    assert [probe.batch for probe in result.probes] == [true_max, true_max + 1][:1 + (true_max < 8192)]
-
-
-def test_a_start_that_does_not_fit_falls_back_to_the_minimum_batch():
+@pytest.mark.parametrize("smallest", [1, 2])
+def test_a_start_that_does_not_fit_falls_back_to_the_minimum_batch(smallest):
+    """40% below the start, then ``min_batch`` (batch 1 unless the model needs more)."""
     seen = []
 
     def probe(batch):
         seen.append(batch)
-        if batch > 2:
+        if batch > smallest:
             raise OutOfMemory("too big", available_bytes=1000)
         return 900
 
-    assert find_max_batch(probe, capacity_bytes=1000, start=50, min_batch=2).max_batch == 2
-    assert seen == [50, 30, 2, 3]
+    assert find_max_batch(probe, capacity_bytes=1000, start=50, min_batch=smallest).max_batch == smallest
+    assert seen == [50, 30, smallest, smallest + 1]
     seen.clear()
-    with pytest.raises(NoBatchFits, match="batch 3 \\(the smallest batch the model takes\\)"):
-        find_max_batch(probe, capacity_bytes=1000, start=50, min_batch=3)
-    assert seen == [50, 30, 3]
+    with pytest.raises(NoBatchFits, match=f"batch {smallest + 1} \\(the smallest batch the model takes\\)"):
+        find_max_batch(probe, capacity_bytes=1000, start=50, min_batch=smallest + 1)
+    assert seen == [50, 30, smallest + 1]
+    with pytest.raises(NoBatchFits, match="batch 1 does not fit"):
+        find_max_batch(lambda b: (_ for _ in ()).throw(OutOfMemory("none", available_bytes=10)),
+                       capacity_bytes=10, start=50)
 
 
 @pytest.mark.parametrize("modelled", [True, False])
