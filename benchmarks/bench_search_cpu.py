@@ -36,6 +36,7 @@ from conftest import CPU_BUDGET  # noqa: E402
 from test_models import CPU_CAPS, CPU_DEFAULT_CAP, CPU_TIMING  # noqa: E402
 
 from pytest_autobatch.errors import catch_oom  # noqa: E402
+from pytest_autobatch.record import smallest_batch  # noqa: E402
 from pytest_autobatch.search import DEFAULT, find_max_batch, find_optimal_batch, predicted_max_batch  # noqa: E402
 from pytest_autobatch.units import parse_size  # noqa: E402
 from pytest_autobatch.zoo import ZOO  # noqa: E402
@@ -67,8 +68,10 @@ class Counting:
 
 
 def search_max(workload: Any, capacity: int, cap: int, tuning: Any) -> tuple[int, int | None, Counting, float]:
-    """The search as record.py runs it: the predicted start, then find_max_batch."""
+    """The search as record.py runs it: the predicted start, then find_max_batch, from the smallest
+    batch the model takes."""
     cache: dict[int, int | None] = {}
+    smallest = smallest_batch(workload)
 
     def predict(batch: int) -> int | None:
         if batch not in cache:
@@ -76,10 +79,11 @@ def search_max(workload: Any, capacity: int, cap: int, tuning: Any) -> tuple[int
         return cache[batch]
 
     began = time.perf_counter()
-    start = predicted_max_batch(predict, capacity, cap) or None
+    predicted = predicted_max_batch(predict, capacity, cap, smallest=smallest)
+    start = None if predicted is None else max(smallest, predicted)
     probe = Counting(workload, predict)
-    result = find_max_batch(probe, cap=cap, capacity_bytes=capacity, start=start, tuning=tuning,
-                            predict=predict if tuning.trust_prediction else None)
+    result = find_max_batch(probe, cap=cap, capacity_bytes=capacity, start=start, min_batch=smallest,
+                            tuning=tuning, predict=predict if tuning.trust_prediction else None)
     return result.max_batch, start, probe, time.perf_counter() - began
 
 
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                     return workload.measure(batch)
 
                 began = time.perf_counter()
-                result = find_optimal_batch(measure, max_batch=now, tuning=tuning)
+                result = find_optimal_batch(measure, max_batch=now, min_batch=smallest_batch(workload),
+                                            tuning=tuning)
                 row = (f"{name:16} {label:6} {len(result.measurements):12d} {len(calls):6d} "
                        f"{time.perf_counter() - began:7.1f} {result.best_batch:5d} "
                        f"{result.best_throughput:12,.1f} {result.optimal_batch:7d}")
