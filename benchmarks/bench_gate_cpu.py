@@ -6,8 +6,9 @@ verdicts, on a quiet machine, with a busy neighbour, and across machine speeds.
 Baselines are recorded once, on the quiet machine, for two real models (torchvision ResNet-18 at
 32 px and a 2-layer transformer encoder, small so that the whole run takes minutes). Each
 condition then re-measures them ``--runs`` times unchanged and ``--runs`` times with the model's
-forward slowed (the same module and parameters, its forward run again on 3 of every 16 samples;
-the table gives the slowdown this measured, side by side), in a fresh process:
+forward slowed by 15% (the same module and parameters; after each forward the CPU spins for 15% of
+its time, so the slowdown is the same on any machine; the table gives what it measured, side by
+side), in a fresh process:
 
 - quiet: nothing else running;
 - busy: two busy loops on the two cores (a noisy neighbour);
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BATCH = 16
-SLOWED_SAMPLES = 3   # of every 16: the forward runs again on these
+SLOWDOWN = 0.15   # of the forward's own time, added to it
 TIMING = {"warmup_s": 0.1, "warmup_iterations": 1, "block_s": 0.05, "min_blocks": 5, "max_blocks": 15,
           "max_time_s": 0.5}
 CGROUP = Path("/sys/fs/cgroup/cpu/autobatch-bench")
@@ -54,13 +55,16 @@ def build(name: str) -> tuple[Any, Any]:
 
 
 def slow_down(model: Any) -> None:
-    """The same module and parameters, but its forward does ~15% more work: it runs again on
-    SLOWED_SAMPLES of every BATCH samples."""
+    """The same module and parameters, but each forward takes SLOWDOWN longer: after it runs, the
+    CPU spins for that share of the forward's own time, so the slowdown is the same on any machine."""
     forward = model.forward
 
-    def slower(x: Any, *args: Any, **kwargs: Any) -> Any:
-        output = forward(x, *args, **kwargs)
-        forward(x[: max(1, x.shape[0] * SLOWED_SAMPLES // BATCH)], *args, **kwargs)
+    def slower(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        output = forward(*args, **kwargs)
+        until = time.perf_counter() + SLOWDOWN * (time.perf_counter() - began)
+        while time.perf_counter() < until:
+            pass
         return output
     model.forward = slower
 

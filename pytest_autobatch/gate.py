@@ -16,7 +16,7 @@ from typing import Any
 from .devices.base import stable_hash
 from .errors import ConfigError
 from .record import Remeasurement
-from .stats import compare_throughput, median, summarize
+from .stats import ThroughputComparison, compare_throughput, median, summarize
 from .units import format_bytes
 
 DEFAULT_THROUGHPUT_TOLERANCE = 0.10
@@ -153,7 +153,8 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
     Pair by pair, the model's throughput over the reference's rate cancels what slows both (a
     slower host, lower clocks); the rank test runs on those ratios. Without usable reference
     samples the raw samples are compared, and the message says why. When the OS or the
-    reference's own spread says the timings cannot be trusted, the verdict is inconclusive.
+    reference's own spread says the timings cannot be trusted, the verdict is inconclusive; when
+    the reference's parts changed unevenly, see ``_uneven_verdict``.
     """
     batch = entry["optimal_batch"]
     raw = compare_throughput(entry["throughput_samples"], now.throughput_samples, tolerance)
@@ -161,6 +162,7 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
                    f"({raw.change:+.1%} raw")
     stored_reference, why_raw = _stored_reference(entry, now)
     speed = None
+    advice = "Run the gate on a quiet machine"
     if stored_reference is None:
         comparison, figures = raw, (f"{raw_figures}, tolerance {tolerance:.0%}, Mann-Whitney p={raw.p_value:.2g}, "
                                     f"{raw.baseline.count} vs {raw.current.count} samples; judged on raw "
@@ -171,14 +173,20 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
                                       _ratios(now.throughput_samples, now.reference_samples), tolerance)
         speed = median(now.reference_samples) / median(stored_reference)
         comparison = relative
+        parts = _part_comparisons(entry, now, tolerance)
         figures = (f"{raw_figures}; {relative.change:+.1%} relative to the reference, tolerance {tolerance:.0%}, "
                    f"Mann-Whitney p={relative.p_value:.2g}, {relative.baseline.count} vs "
-                   f"{relative.current.count} pairs; {_machine_speed(speed)})")
+                   f"{relative.current.count} pairs; {_machine_speed(speed)}{_parts_figures(parts)})")
         unsteady = list(now.unsteady) + _reference_unsteady(stored_reference, now.reference_samples)
+        if parts and not unsteady:
+            comparison, uneven = _uneven_verdict(parts, relative, tolerance)
+            if uneven:
+                unsteady, advice = uneven, ("If this machine keeps running like this, record its own baselines "
+                                            "with pytest --autobatch --autobatch-update")
     if unsteady:
         finding = Finding(
             "inconclusive", f"{who}: throughput inconclusive: {'; '.join(unsteady)}. Measured {figures}. "
-            "Run the gate on a quiet machine, or choose --autobatch-inconclusive=retry or fail", False)
+            f"{advice}, or choose --autobatch-inconclusive=retry or fail", False)
     elif comparison.verdict == "regression":
         finding = Finding(
             "throughput_regression", f"{who}: throughput regression: {figures}", True,
@@ -194,6 +202,66 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
     else:
         return Verdict([], comparison.change, raw.change, speed)
     return Verdict([finding], comparison.change, raw.change, speed)
+
+
+@dataclass(frozen=True)
+class _PartComparison:
+    """The model against one part of the reference: the part's speed over the recording's, and
+    the model's throughput relative to that part."""
+
+    speed: float
+    relative: ThroughputComparison
+
+
+def _part_comparisons(entry: dict[str, Any], now: Remeasurement, tolerance: float) -> dict[str, _PartComparison]:
+    """The model relative to each part of the reference, when both runs timed the same parts
+    (older baselines, and corrupt parts, leave the whole reference to judge by)."""
+    stored = entry.get("reference_parts")
+    count = len(entry["throughput_samples"])
+    if (not isinstance(stored, dict) or not stored or set(stored) != set(now.reference_parts)
+            or not all(isinstance(rates, list) and len(rates) == count and all(map(_positive_number, rates))
+                       for rates in stored.values())):
+        return {}
+    comparisons = {}
+    for part, rates in sorted(stored.items()):
+        rates_now = now.reference_parts[part]
+        if len(rates_now) != len(now.throughput_samples):
+            return {}
+        comparisons[part] = _PartComparison(
+            median(rates_now) / median(rates),
+            compare_throughput(_ratios(entry["throughput_samples"], rates),
+                               _ratios(now.throughput_samples, rates_now), tolerance))
+    return comparisons
+
+
+def _parts_figures(parts: dict[str, _PartComparison]) -> str:
+    if not parts:
+        return ""
+    return "; by part: " + ", ".join(f"{part} {comparison.speed:.2f}x, relative to it {comparison.relative.change:+.1%}"
+                                     for part, comparison in parts.items())
+
+
+def _uneven_verdict(parts: dict[str, _PartComparison], whole: ThroughputComparison,
+                    tolerance: float) -> tuple[ThroughputComparison, list[str]]:
+    """The comparison to judge by, and why it cannot be judged (empty: it can).
+
+    A model's time is spent partly computing and partly moving memory, so a change of the machine
+    alone moves its throughput somewhere between what it did to the reference's parts. When the
+    parts moved apart by more than the tolerance, only a change beyond all of them is the model's:
+    a regression (or improvement) relative to every part is judged as such, by the part that
+    explains the most; one relative to some parts only is inconclusive, named.
+    """
+    speeds = [comparison.speed for comparison in parts.values()]
+    if max(speeds) / min(speeds) - 1 <= tolerance:
+        return whole, []
+    relatives = [comparison.relative for comparison in parts.values()]
+    verdicts = {relative.verdict for relative in relatives}
+    charitable = min(relatives, key=lambda relative: abs(relative.change))
+    if verdicts in ({"regression"}, {"improvement"}) or "regression" not in verdicts:
+        return charitable, []
+    moved = ", ".join(f"{part} {comparison.speed:.2f}x" for part, comparison in parts.items())
+    return charitable, [f"the machine's speed changed unevenly since the recording ({moved}), and the "
+                        f"throughput's change lies within what that alone can explain"]
 
 
 def _ratios(samples: list[float], reference: list[float]) -> list[float]:

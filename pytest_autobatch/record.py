@@ -42,7 +42,7 @@ Progress = Callable[[str], None]
 _Result = TypeVar("_Result")
 
 
-def _silent(_: str) -> None:
+def silent(_: str) -> None:
     pass
 
 
@@ -102,6 +102,7 @@ class GateSamples:
     reference: list[float] = field(default_factory=list)
     unsteady: list[str] = field(default_factory=list)
     reference_kind: dict[str, Any] = field(default_factory=dict)
+    reference_parts: dict[str, list[float]] = field(default_factory=dict)
 
 
 def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> GateSamples:
@@ -119,6 +120,8 @@ def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> 
         paired = measure_paired(batch)
         collected.model.extend(paired.model)
         collected.reference.extend(paired.reference)
+        for part, rates in paired.reference_parts.items():
+            collected.reference_parts.setdefault(part, []).extend(rates)
         kinds = {_kind(reason) for reason in collected.unsteady}
         collected.unsteady.extend(reason for reason in paired.unsteady if _kind(reason) not in kinds)
         collected.reference_kind = paired.reference_kind
@@ -130,18 +133,29 @@ def _kind(reason: str) -> str:
     return re.sub(r"[\d.,]+", "#", reason)
 
 
+def measure_until_steady(measure: Callable[[], _Result], busy: Callable[[_Result], str], *, attempts: int,
+                         pause_s: float, progress: Progress) -> _Result:
+    """``measure()``, again after a pause (up to ``attempts`` times in all) while ``busy`` names a
+    reason its result cannot be trusted; the last result when the machine stays busy."""
+    result = measure()
+    for _ in range(attempts - 1):
+        reason = busy(result)
+        if not reason:
+            break
+        progress(f"{reason}: measuring again in {pause_s:.0f} s")
+        time.sleep(pause_s)
+        result = measure()
+    return result
+
+
 def steady_gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int, *, attempts: int,
                         pause_s: float, progress: Progress) -> GateSamples:
-    """Gate samples, measured again after a pause (up to ``attempts`` times in all) while the OS
-    says the machine was busy; the last attempt's samples, reasons included, when it stays busy."""
-    samples = gate_samples(measure_paired, batch)
-    for _ in range(attempts - 1):
-        if not samples.unsteady:
-            break
-        progress(f"unsteady timing ({'; '.join(samples.unsteady)}): measuring again in {pause_s:.0f} s")
-        time.sleep(pause_s)
-        samples = gate_samples(measure_paired, batch)
-    return samples
+    """Gate samples, measured again after a pause while the OS says the machine was busy; the last
+    attempt's samples, reasons included, when it stays busy."""
+    return measure_until_steady(
+        lambda: gate_samples(measure_paired, batch),
+        lambda samples: f"unsteady timing ({'; '.join(samples.unsteady)})" if samples.unsteady else "",
+        attempts=attempts, pause_s=pause_s, progress=progress)
 
 
 def _probe_rows(recorder: _Recorder, optimal: OptimalBatchResult) -> list[dict[str, Any]]:
@@ -177,7 +191,7 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     cap = DEFAULT_CAP if cap is None else cap
     smallest = smallest_batch(workload)
     began = time.perf_counter()
-    recorder = _Recorder(workload, f"{model} on {device.name}", progress or _silent)
+    recorder = _Recorder(workload, f"{model} on {device.name}", progress or silent)
     capacity = device.capacity_bytes()
     predicted = (predicted_max_batch(recorder.predict, capacity, cap, smallest=smallest)
                  if capacity else None)
@@ -213,6 +227,7 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
         "throughput": throughput,
         "throughput_samples": samples,
         "reference_samples": gate.reference,
+        "reference_parts": gate.reference_parts,
         "reference": gate.reference_kind,
         "batch1_throughput": median(batch1_samples),
         "batch1_throughput_samples": list(batch1_samples),
@@ -249,6 +264,7 @@ class Remeasurement:
     reference_samples: list[float] = field(default_factory=list)
     reference_kind: dict[str, Any] = field(default_factory=dict)
     unsteady: list[str] = field(default_factory=list)
+    reference_parts: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float | None:
@@ -271,7 +287,7 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     The probes come first, as in the search: a process's first large allocations grow its heap, and
     timing before them reads up to a quarter slower on the CPU than the recorded search did.
     """
-    report = progress or _silent
+    report = progress or silent
     label = f"{entry.get('model', '?')} on {device.name}"
     optimal, maximum = entry["optimal_batch"], entry["max_batch"]
     oom_batches: list[int] = []
@@ -296,4 +312,4 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     return Remeasurement(throughput_samples=gate.model, batch1_throughput_samples=batch1_samples,
                          peak_memory_bytes=peak, oom_batches=oom_batches, fingerprint=workload.fingerprint(),
                          reference_samples=gate.reference, reference_kind=gate.reference_kind,
-                         unsteady=gate.unsteady)
+                         unsteady=gate.unsteady, reference_parts=gate.reference_parts)

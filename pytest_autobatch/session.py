@@ -10,7 +10,6 @@ collected and finished, for syrupy-style detection of unused baseline entries.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +29,17 @@ from .gate import (
     recorded_unsteady_note,
     settings_note,
 )
-from .record import DEFAULT_CAP, STEADY_ATTEMPTS, STEADY_PAUSE_S, Progress, Remeasurement, record_entry, remeasure
+from .record import (
+    DEFAULT_CAP,
+    STEADY_ATTEMPTS,
+    STEADY_PAUSE_S,
+    Progress,
+    Remeasurement,
+    measure_until_steady,
+    record_entry,
+    remeasure,
+    silent,
+)
 from .stats import speedup_below
 
 
@@ -315,17 +324,17 @@ class AutobatchSession:
         """Re-measure and gate; with --autobatch-inconclusive=retry, again after a pause while the
         machine is too busy to judge throughput; with =fail, an inconclusive verdict fails."""
         policy = self.settings.inconclusive
-        for attempt in range(STEADY_ATTEMPTS if policy == "retry" else 1):
-            if attempt:
-                if self.progress is not None:
-                    self.progress(f"the machine is busy: measuring again in {self.settings.steady_pause_s:.0f} s")
-                time.sleep(self.settings.steady_pause_s)
+
+        def judged() -> tuple[Remeasurement, Verdict]:
             now = remeasure(self.device, workload, entry, progress=self.progress)
-            verdict = check_entry(entry, now, hardware=self.device.hardware().get("name") or self.device.name,
-                                  tolerance=self.settings.tolerance,
-                                  memory_tolerance=self.settings.memory_tolerance)
-            if not verdict.inconclusive:
-                break
+            return now, check_entry(entry, now, hardware=self.device.hardware().get("name") or self.device.name,
+                                    tolerance=self.settings.tolerance,
+                                    memory_tolerance=self.settings.memory_tolerance)
+
+        now, verdict = measure_until_steady(
+            judged, lambda result: "the machine is busy" if result[1].inconclusive else "",
+            attempts=STEADY_ATTEMPTS if policy == "retry" else 1, pause_s=self.settings.steady_pause_s,
+            progress=self.progress or silent)
         return now, inconclusive_as_failure(verdict) if policy == "fail" else verdict
 
     def _batch_result(self, key: str, entry: dict[str, Any], **figures: Any) -> BatchResult:

@@ -178,3 +178,41 @@ def test_a_batch_that_runs_out_of_memory_while_timed_lowers_the_recorded_maximum
     assert entry["optimal_batch"] <= entry["max_batch"] <= timing_limit < true_max
     ooms = [row["batch"] for row in entry["probes"] if row["outcome"] == "oom"]
     assert min(ooms) > entry["max_batch"] and entry["search"]["ooms"] == len(ooms)
+
+
+MEMORY_BOUND = SimulatedModel("weights-streaming", weights_bytes=20_000_000_000, activation_bytes_per_sample=1_000_000,
+                              flops_per_sample=1e6)
+COMPUTE_BOUND = SimulatedModel("gemm-heavy", weights_bytes=100_000_000, activation_bytes_per_sample=1_000_000,
+                               flops_per_sample=1e12)
+
+
+def test_a_host_whose_memory_alone_slowed_is_named_not_judged_for_a_memory_bound_model():
+    entry = recorded(MEMORY_BOUND)
+    now, check = gate(entry, MEMORY_BOUND, memory_speed=0.7)
+    assert now.throughput < 0.75 * entry["throughput"]    # raw: the model really ran 30% slower
+    assert kinds(check.findings) == [("inconclusive", False)]
+    message = check.findings[0].message
+    assert re.search(r"the machine's speed changed unevenly since the recording \(compute (0\.9\d|1\.0\d)x, "
+                     r"memory 0\.[67]\dx\)", message)
+    assert re.search(r"by part: compute .*, relative to it -[23]\d\.\d%, memory .*, relative to it [+-]\d\.\d%",
+                     message)
+    assert "record its own baselines with pytest --autobatch --autobatch-update" in message
+
+
+def test_a_host_whose_memory_alone_slowed_passes_a_compute_bound_model():
+    _, check = gate(recorded(COMPUTE_BOUND), COMPUTE_BOUND, memory_speed=0.7)
+    assert not check.failed and not check.inconclusive and abs(check.change) < 0.05
+
+
+def test_a_slowdown_beyond_every_part_of_the_reference_is_a_regression_on_an_uneven_host():
+    _, check = gate(recorded(MEMORY_BOUND), MEMORY_BOUND, memory_speed=0.7, slowdown=1.6)
+    assert kinds(check.findings) == [("throughput_regression", True)]
+    assert check.change == pytest.approx(1 / 1.6 - 1, abs=0.05)   # judged by the part that explains the most
+
+
+def test_corrupt_reference_parts_leave_the_whole_reference_to_judge_by():
+    entry = recorded(MEMORY_BOUND)
+    entry["reference_parts"]["memory"] = ["slow"] * len(entry["throughput_samples"])
+    _, check = gate(entry, MEMORY_BOUND, memory_speed=0.7)
+    assert kinds(check.findings) == [("throughput_regression", True)]   # what the whole reference alone says
+    assert "by part" not in check.findings[0].message

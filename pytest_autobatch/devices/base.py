@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import ConfigError
@@ -24,13 +24,20 @@ class PairedSamples:
     """Throughput samples of a model, each with the reference workload's rate timed right after it.
 
     ``unsteady`` lists why the OS says the window's timings cannot be trusted (empty: steady);
-    ``reference_kind`` says which reference was timed, since only like can be compared with like.
+    ``reference_kind`` says which reference was timed, since only like can be compared with like;
+    ``reference_parts`` holds each part's rate beside each sample (``reference`` is the whole's).
     """
 
     model: list[float]
     reference: list[float]
     unsteady: list[str]
     reference_kind: dict[str, Any]
+    reference_parts: dict[str, list[float]] = field(default_factory=dict)
+
+
+def whole_rate(rates: dict[str, float]) -> float:
+    """Units per second of the whole reference workload (one unit of every part) from its parts'."""
+    return 1 / sum(1 / rate for rate in rates.values())
 
 
 class Watch(Protocol):

@@ -16,8 +16,10 @@ throughput can fall. Timing samples carry seeded noise and occasional slow outli
 To simulate a regression without changing the model's fingerprint, build the device with
 ``slowdown`` (throughput divided by it) or ``memory_overhead_bytes`` (extra bytes at every
 batch): ``simulated_device("sim:h100", slowdown=1.5)``. A slower machine is ``machine_speed``
-(0.4: everything, the reference workload too, runs at 40%); a busy one is ``unsteady`` (the
-reasons its measurements report). A genuinely different (slower) model is
+(0.4: everything, the reference workload too, runs at 40%); one whose memory alone is slower (a
+neighbour's memory traffic) is ``memory_speed``: memory-bound steps and the reference's memory
+part slow down, compute does not. A busy machine is ``unsteady`` (the reasons its measurements
+report). A genuinely different (slower) model is
 a ``SimulatedModel`` with more ``flops_per_sample``.
 """
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, OutOfMemory
-from .base import MODES, PairedSamples
+from .base import MODES, PairedSamples, whole_rate
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -190,12 +192,13 @@ class SimulatedDevice:
     """A ``Device`` backed by a GPU profile; see the module docstring for the models."""
 
     def __init__(self, profile: GpuProfile | str = "h100", *, seed: int = 0, slowdown: float = 1.0,
-                 machine_speed: float = 1.0, memory_overhead_bytes: int = 0, timing_noise: float = 0.02,
-                 repeats: int = 5, capacity_bytes: int | None = None, unsteady: tuple[str, ...] = ()):
-        if not slowdown > 0:
-            raise ConfigError(f"slowdown must be > 0 (1.0 = as fast as the profile), got {slowdown!r}")
-        if not machine_speed > 0:
-            raise ConfigError(f"machine_speed must be > 0 (1.0 = as fast as the profile), got {machine_speed!r}")
+                 machine_speed: float = 1.0, memory_speed: float = 1.0, memory_overhead_bytes: int = 0,
+                 timing_noise: float = 0.02, repeats: int = 5, capacity_bytes: int | None = None,
+                 unsteady: tuple[str, ...] = ()):
+        for option, value in (("slowdown", slowdown), ("machine_speed", machine_speed),
+                              ("memory_speed", memory_speed)):
+            if not value > 0:
+                raise ConfigError(f"{option} must be > 0 (1.0 = as fast as the profile), got {value!r}")
         if repeats < 1:
             raise ConfigError(f"repeats must be >= 1, got {repeats!r}")
         if timing_noise < 0:
@@ -205,6 +208,7 @@ class SimulatedDevice:
         self.seed = seed
         self.slowdown = slowdown
         self.machine_speed = machine_speed
+        self.memory_speed = memory_speed
         self.unsteady = list(unsteady)
         self.memory_overhead_bytes = memory_overhead_bytes
         self.timing_noise = timing_noise
@@ -293,7 +297,7 @@ class SimulatedWorkload:
         plus a roofline (the larger of memory traffic over bandwidth and FLOPs over achievable FLOP/s)."""
         gpu = self.device.profile
         memory_s = (self.model.weights_bytes * self.model.weight_reads
-                    + 2 * self._sample_bytes * batch) / gpu.memory_bandwidth
+                    + 2 * self._sample_bytes * batch) / (gpu.memory_bandwidth * self.device.memory_speed)
         utilisation = self.model.utilisation if self.model.work is None else gpu.efficiency_for(self.model.work)
         compute_s = self._flops * batch / (gpu.peak_flops * utilisation)
         gpu_s = self.model.kernels * gpu.kernel_overhead_s + max(memory_s, compute_s)
@@ -319,12 +323,16 @@ class SimulatedWorkload:
         return samples
 
     def measure_paired(self, batch: int) -> PairedSamples:
-        """The samples with a reference rate beside each: the machine's speed moves both, the
+        """The samples with the reference's parts' rates beside each: the machine's speed moves the
+        model and both parts, its memory speed the memory part (and memory-bound steps), the
         model's own ``slowdown`` only the model."""
         samples = self.measure(batch)
-        reference = [REFERENCE_UNITS_PER_S * self.device.machine_speed
-                     * max(0.5, 1 + self._rng.gauss(0, self.device.timing_noise)) for _ in samples]
-        return PairedSamples(samples, reference, list(self.device.unsteady), {"kind": "simulated"})
+        speeds = {"compute": self.device.machine_speed,
+                  "memory": self.device.machine_speed * self.device.memory_speed}
+        rates = [{part: REFERENCE_UNITS_PER_S * speed * max(0.5, 1 + self._rng.gauss(0, self.device.timing_noise))
+                  for part, speed in speeds.items()} for _ in samples]
+        return PairedSamples(samples, [whole_rate(rate) for rate in rates], list(self.device.unsteady),
+                             {"kind": "simulated"}, {part: [rate[part] for rate in rates] for part in speeds})
 
     def extras(self, batch: int) -> dict[str, Any]:
         seconds = self.step_time_s(batch)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from ..errors import ConfigError
 from ..stats import summarize
+from .base import whole_rate
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ class Timing:
     metered: float | None = None
     """What the meter read over the timed blocks (joules), if a meter was given."""
     reference: list[float] = field(default_factory=list)
-    """Units per second of the reference workload, timed right after each block (when given)."""
+    """Units per second of the whole reference workload (one unit of each part), timed right after
+    each block (when given)."""
+    reference_parts: dict[str, list[float]] = field(default_factory=dict)
+    """Units per second of each part of the reference, beside each block."""
 
 
 def _timed(run: Callable[[], None], sync: Callable[[], None], iterations: int) -> float:
@@ -96,28 +100,32 @@ def _no_sync() -> None:
     pass
 
 
-#: Each reference block runs at least this many units and this long: long enough to time, short
-#: enough to sit right beside its model block (drift over a second hits both alike).
+#: Each part's reference block runs at least this many units and this long: long enough to time,
+#: short enough to sit right beside its model block (drift over a second hits both alike).
 REFERENCE_UNITS = 3
-REFERENCE_BLOCK_S = 0.03
+REFERENCE_BLOCK_S = 0.015
 
 
-def reference_rate(reference: Callable[[], None], sync: Callable[[], None]) -> float:
-    """Units per second of one short block of the reference workload."""
-    units, elapsed = 0, 0.0
-    while units < REFERENCE_UNITS or elapsed < REFERENCE_BLOCK_S:
-        elapsed += _timed(reference, sync, 1)
-        units += 1
-    return units / max(elapsed, 1e-9)
+def reference_rates(parts: Mapping[str, Callable[[], None]], sync: Callable[[], None]) -> dict[str, float]:
+    """Units per second of one short block of each part of the reference workload."""
+    rates = {}
+    for name, unit in parts.items():
+        units, elapsed = 0, 0.0
+        while units < REFERENCE_UNITS or elapsed < REFERENCE_BLOCK_S:
+            elapsed += _timed(unit, sync, 1)
+            units += 1
+        rates[name] = units / max(elapsed, 1e-9)
+    return rates
 
 
 def measure_throughput(run: Callable[[], None], items_per_run: int, *, budget: TimingBudget,
                        sync: Callable[[], None] | None = None, meter: Meter | None = None,
-                       reference: Callable[[], None] | None = None) -> Timing:
+                       reference: Mapping[str, Callable[[], None]] | None = None) -> Timing:
     """Time ``run`` (one batch of ``items_per_run`` items) into per-block throughput samples.
 
-    With a ``reference``, a short block of it follows each timed block, so each throughput sample
-    has a reference rate measured beside it (a meter's window then includes those blocks too).
+    With a ``reference`` (its parts by name), a short block of each part follows each timed block,
+    so each throughput sample has reference rates measured beside it (a meter's window then
+    includes those blocks too).
     """
     sync = sync or _no_sync
     warm_runs, warm_seconds = 0, 0.0
@@ -129,6 +137,7 @@ def measure_throughput(run: Callable[[], None], items_per_run: int, *, budget: T
 
     samples: list[float] = []
     references: list[float] = []
+    parts: dict[str, list[float]] = {}
     seconds = 0.0
     if meter is not None:
         sync()
@@ -138,10 +147,13 @@ def measure_throughput(run: Callable[[], None], items_per_run: int, *, budget: T
         seconds += elapsed
         samples.append(block * items_per_run / max(elapsed, 1e-9))
         if reference is not None:
-            references.append(reference_rate(reference, sync))
+            rates = reference_rates(reference, sync)
+            references.append(whole_rate(rates))
+            for name, rate in rates.items():
+                parts.setdefault(name, []).append(rate)
         if len(samples) >= budget.min_blocks and (summarize(samples).spread < budget.spread
                                                   or seconds >= budget.max_time_s):
             break
     metered = meter.stop() if meter is not None else None
     return Timing(samples=samples, items=len(samples) * block * items_per_run, seconds=seconds,
-                  metered=metered, reference=references)
+                  metered=metered, reference=references, reference_parts=parts)

@@ -257,7 +257,7 @@ class TorchWorkload:
         self._predictions: dict[int, Prediction | str] = {}
         self._throughput: dict[int, float] = {}
         self._measure_extras: dict[int, dict[str, Any]] = {}
-        self._reference: Callable[[], None] | None = None
+        self._reference: dict[str, Callable[[], None]] | None = None
 
     def _refuse_suspicious_batch_dim(self, leaf: Leaf | None) -> None:
         if leaf is None or leaf.shape is None:
@@ -508,12 +508,14 @@ class TorchWorkload:
         watch = self.backend.watch()
         timing = self._timed(batch, meter=None, reference=self._reference)
         return PairedSamples(timing.samples, timing.reference, watch.reasons(),
-                             describe_reference(self.backend.torch_device.type, self.compute_dtype()))
+                             describe_reference(self.backend.torch_device.type, self.compute_dtype()),
+                             timing.reference_parts)
 
     def compute_dtype(self) -> torch.dtype:
         return self.autocast_dtype or next((p.dtype for p in self.model.parameters()), torch.float32)
 
-    def _timed(self, batch: int, *, meter: Meter | None, reference: Callable[[], None] | None = None) -> Timing:
+    def _timed(self, batch: int, *, meter: Meter | None,
+               reference: dict[str, Callable[[], None]] | None = None) -> Timing:
         self.ensure_steady_state()
         before = self.backend.allocated_bytes()
         step = partial(self.step, self.source.build(batch))
