@@ -17,8 +17,8 @@ import pytest
 from pytest_autobatch.devices.sim_zoo import simulated_counterpart
 from pytest_autobatch.zoo import ZOO, size_class
 
-#: Largest batch the CPU search may try, per model: it bounds the time of the throughput sweep
-#: (every power of two up to the maximum batch is timed). GPUs search up to the default cap.
+#: Largest batch the CPU search may try, per model: it bounds the time of the throughput search
+#: (the maximum batch is timed first and the best is often near it). GPUs search up to the default cap.
 CPU_CAPS = {"vit_b_16": 32}
 CPU_DEFAULT_CAP = 128
 

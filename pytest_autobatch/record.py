@@ -57,8 +57,14 @@ class _Recorder:
     predicted: dict[int, int | None] = field(default_factory=dict)
     probe_calls: int = 0
 
+    def predict(self, batch: int) -> int | None:
+        """The workload's predicted peak at ``batch``, predicted once (fake tensors take a while)."""
+        if batch not in self.predicted:
+            self.predicted[batch] = self.workload.predict_peak_bytes(batch)
+        return self.predicted[batch]
+
     def probe(self, batch: int) -> int:
-        self.predicted[batch] = self.workload.predict_peak_bytes(batch)
+        self.predict(batch)
         self.progress(f"{self.label}: probing batch {batch}")
         self.probe_calls += 1
         peak = self._noting_oom(self.workload.probe, batch, "")
@@ -187,11 +193,11 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     began = time.perf_counter()
     recorder = _Recorder(workload, f"{model} on {device.name}", progress or silent)
     capacity = device.capacity_bytes()
-    predicted = (predicted_max_batch(workload.predict_peak_bytes, capacity, cap, smallest=smallest)
+    predicted = (predicted_max_batch(recorder.predict, capacity, cap, smallest=smallest)
                  if capacity else None)
     start = None if predicted is None else max(smallest, predicted)
     max_result = find_max_batch(recorder.probe, cap=cap, capacity_bytes=capacity, start=start,
-                                min_batch=smallest)
+                                min_batch=smallest, predict=recorder.predict)
     optimal = find_optimal_batch(recorder.measure, max_batch=max_result.max_batch,
                                  band=band, max_latency_s=max_latency_s, min_batch=smallest)
     max_batch = optimal.max_batch or max_result.max_batch  # lower when a batch ran out of memory while timed

@@ -1,8 +1,8 @@
 """The maximum-batch search's core state: a bracket that only an observed fit or OOM can move.
 
 ``low`` was probed and fit; ``high`` was probed and ran out of memory. Whatever the guide
-suggests, ``inside`` keeps the next probe strictly between them (and <= cap), so every probe
-narrows the bracket, the search ends, and its answer is certified by two observations.
+suggests, ``inside`` keeps the next probe strictly between them (and within ``min_batch`` .. cap),
+so every probe narrows the bracket, the search ends, and its answer is certified by two observations.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ class Probe:
 
 @dataclass
 class Bracket:
-    """What the probes proved: ``low`` fits, ``high`` does not (None: nothing failed yet)."""
+    """What the probes proved: ``low`` fits (0: nothing fit yet), ``high`` does not (None: nothing
+    failed yet). No batch below ``min_batch`` (the smallest the model takes) is ever probed."""
 
     cap: int
     capacity: int | None
     start: int | None
+    min_batch: int = 1
     probes: list[Probe] = field(default_factory=list)
     peaks: dict[int, int] = field(default_factory=dict)
     low: int = 0
@@ -43,12 +45,14 @@ class Bracket:
 
     @property
     def settled(self) -> bool:
-        return self.low >= self.cap or (self.high is not None and self.high - self.low <= 1)
+        """The bracket is closed, or ``min_batch`` itself ran out of memory (nothing can fit)."""
+        return self.low >= self.cap or (self.high is not None
+                                        and (self.high - self.low <= 1 or self.high <= self.min_batch))
 
     def inside(self, guess: int) -> int:
-        """``guess`` moved strictly inside the bracket (and <= cap): every probe narrows it."""
+        """``guess`` moved strictly inside the bracket (and into ``min_batch`` .. cap): every probe narrows it."""
         ceiling = self.cap if self.high is None else self.high - 1
-        return min(max(guess, self.low + 1), ceiling)
+        return min(max(guess, self.low + 1, self.min_batch), ceiling)
 
     def record_fit(self, batch: int, peak: object) -> None:
         checked = checked_peak(peak, batch)

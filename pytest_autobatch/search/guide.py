@@ -23,11 +23,13 @@ from .tuning import Tuning
 class Guide:
     """Chooses the next batch for one search from its ``Bracket``."""
 
-    def __init__(self, bracket: Bracket, tuning: Tuning):
+    def __init__(self, bracket: Bracket, tuning: Tuning, predict: Callable[[int], int | None] | None = None):
         self.bracket = bracket
         self.tuning = tuning
         self.jumped = False  # the last guided guess was a safe jump, not an aim at the limit
         self.predicted_limit: float | None = None  # from the last fit, however rough
+        self.prediction = (Prediction(predict, bracket.min_batch)
+                           if predict is not None and tuning.trust_prediction else None)
 
     def next_batch(self) -> int:
         """The model's guess, moved by the surprises since the bracket closed.
@@ -37,19 +39,70 @@ class Guide:
         model costs O(log) probes, never a walk one batch at a time.
         """
         bracket = self.bracket
+        if not bracket.probes:
+            return self.first_batch()
+        if bracket.low == 0:  # only OOMs so far: the start ran out of memory
+            return self.below_failed_start()
         jump_failed = bracket.oom_streak and self.jumped
-        guess = self.guided_guess()
+        guess = self.predicted_guess()
+        trusted = guess is not None
+        if guess is None:
+            guess = self.guided_guess()
         if guess is None or jump_failed:
             # Nothing to go on, or a jump the model thought safe ran out of memory: the model is
             # wrong at this range, so split the bracket instead.
             guess = self.fallback_guess()
         if bracket.high is not None:
             middle = (bracket.low + bracket.high) // 2
-            if bracket.oom_streak:
+            if bracket.oom_streak and not (trusted and bracket.oom_streak == 1):
+                # A trusted prediction that overshot by a hair aims again from below at once.
                 guess = min(guess, max(bracket.high - 2 ** (bracket.oom_streak - 1), middle))
             elif bracket.fit_streak:
                 guess = max(guess, min(bracket.low + 2 ** (bracket.fit_streak - 1), middle))
         return guess
+
+    def first_batch(self) -> int:
+        """The start itself when memory can guide what follows (certified by its neighbour next),
+        else ``min_batch`` (1 unless the model takes no smaller batch)."""
+        bracket = self.bracket
+        if bracket.start is not None and bracket.capacity is not None and self.tuning.start_first:
+            return bracket.start
+        return bracket.min_batch
+
+    def below_failed_start(self) -> int:
+        """After the start ran out of memory: ``start_backoff`` below it once, then ``min_batch``."""
+        bracket = self.bracket
+        assert bracket.high is not None
+        if len(bracket.probes) == 1 and self.tuning.start_backoff:
+            return max(bracket.min_batch, math.floor(bracket.high * (1 - self.tuning.start_backoff)))
+        return bracket.min_batch
+
+    def predicted_guess(self) -> int | None:
+        """Where the prediction, corrected by the measured peaks, reaches capacity; None once it has
+        disagreed with a measurement (then the fitted search takes over) or there is none."""
+        bracket, prediction = self.bracket, self.prediction
+        if prediction is None or bracket.capacity is None:
+            return None
+        last = bracket.probes[-1]
+        expected = prediction.expected.get(last.batch)
+        if expected is not None:
+            tolerance = self.tuning.memory_granularity_bytes + prediction.sample_bytes
+            if last.peak_bytes is None:
+                # It said this batch fits: by more than one block and sample blur, or for the second
+                # time (an aim at the predicted maximum is always within that blur of capacity).
+                disagrees = expected < bracket.capacity - tolerance or prediction.missed
+                prediction.missed = True
+            else:
+                disagrees = abs(last.peak_bytes - expected) > tolerance
+            if disagrees:
+                self.prediction = None
+                return None
+        ceiling = bracket.cap if bracket.high is None else bracket.high - 1
+        aim = prediction.aim(bracket.low, bracket.peaks[bracket.low], bracket.capacity, ceiling)
+        if aim is None:
+            self.prediction = None
+            return None
+        return aim
 
     def fallback_guess(self) -> int:
         """Geometric growth until something fails (to ``growth_share`` of a rough fit's limit, x2 to
@@ -140,20 +193,88 @@ class Guide:
         return error, limit, resolution
 
     def first_jump(self) -> int:
-        """After the first probe only (batch 1, or the smallest batch m the model takes): a safe
-        fraction of the start prediction or of capacity / peak(m) * m.
+        """After one fitting probe b0 (batch 1, the smallest batch the model takes, or the start): a
+        safe fraction of the start prediction or of capacity * b0 / peak(b0).
 
-        Memory at b is at most b / m * peak(m) for a line, and with up to ``curvature_prior`` of it
-        curved the limit is still at least (1 - curvature_prior) * capacity / peak(m) * m.
+        Memory at b >= b0 is at most b / b0 * peak(b0) for a line, and with up to ``curvature_prior``
+        of it curved the limit is still at least (1 - curvature_prior) * capacity * b0 / peak(b0).
         """
         bracket = self.bracket
         assert bracket.capacity is not None
         self.jumped = True
         [(first, peak)] = bracket.peaks.items()
-        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity / max(peak, 1) * first)
-        if bracket.start is not None:
+        safe = int((1 - self.tuning.curvature_prior) * bracket.capacity * first / max(peak, 1))
+        if bracket.start is not None and first < bracket.start < (bracket.high or bracket.cap + 1):
             safe = max(safe, int(bracket.start * self.tuning.start_safety))
         return max(safe, first + 1)
+
+
+class Prediction:
+    """The workload's predicted peaks, corrected by a measured one and aimed at the capacity.
+
+    Corrected at the largest batch that fit, ``low``: the predicted batch-dependent memory is
+    scaled so that the prediction meets the peak measured there (a predictor that misjudges the
+    activations misjudges them by a factor), M(b) = peak(low) + r * (P(b) - P(low)) with
+    r = (peak(low) - P(m)) / (P(low) - P(m)), m the smallest batch the model takes (1 unless it
+    needs more; a model that takes no batch of 1 has no prediction there either). When the
+    prediction is exact, r is 1 and the aim is the predicted maximum itself. ``expected`` keeps M
+    at each batch aimed at, to check it.
+    """
+
+    def __init__(self, predict: Callable[[int], int | None], min_batch: int = 1):
+        self.predict = predict
+        self.min_batch = min_batch
+        self.cache: dict[int, int | None] = {}
+        self.expected: dict[int, float] = {}
+        self.sample_bytes = 0.0  # the corrected prediction's memory per sample at the last aim
+        self.missed = False  # an aim it said fits ran out of memory
+
+    def at(self, batch: int) -> int | None:
+        if batch not in self.cache:
+            self.cache[batch] = self.predict(batch)
+        return self.cache[batch]
+
+    def aim(self, low: int, peak: int, capacity: int, ceiling: int, steps: int = 4) -> int | None:
+        """The largest batch in (low, ceiling] the corrected prediction says fits, or low + 1 when
+        none does (the neighbour that certifies ``low``); None when the prediction cannot be used."""
+        if ceiling <= low:
+            return None
+        first, at_low, after = self.at(self.min_batch), self.at(low), self.at(low + 1)
+        if first is None or at_low is None or after is None or after <= at_low:
+            return None
+        ratio = (peak - first) / (at_low - first) if low > self.min_batch and at_low > first else 1.0
+        if ratio <= 0:
+            return None
+        target = at_low + (capacity - peak) / ratio   # predicted bytes where memory meets capacity
+        self.sample_bytes = ratio * (after - at_low)
+        # Largest b with P(b) <= target: ``fit`` predicted under it, ``over`` above, secants between.
+        known = {low: at_low, low + 1: after}
+        fit, over = (low, low + 1) if after > target else (low + 1, None)
+        for _ in range(steps):
+            if fit >= ceiling or (over is not None and over - fit <= 1):
+                break
+            if over is None:
+                slope = (known[fit] - at_low) / (fit - low)
+                estimate = fit + max(1, int((target - known[fit]) / slope))
+            else:
+                slope = (known[over] - known[fit]) / (over - fit)
+                estimate = min(max(fit + int((target - known[fit]) / slope), fit + 1), over - 1)
+            estimate = min(estimate, ceiling)
+            predicted = self.at(estimate)
+            if predicted is None:
+                return None
+            known[estimate] = predicted
+            if predicted <= target:
+                fit = estimate
+            else:
+                over = estimate
+        best = fit
+        guess = best if best > low else low + 1
+        predicted_guess = self.at(guess)
+        if predicted_guess is None:
+            return None
+        self.expected[guess] = peak + ratio * (predicted_guess - at_low)
+        return guess
 
 
 def predicted_max_batch(predict_peak_bytes: Callable[[int], int | None], capacity_bytes: int,

@@ -47,12 +47,16 @@ def _attempt(probe: Callable[[int], int], bracket: Bracket, batch: int) -> bool:
 
 
 def find_max_batch(probe: Callable[[int], int], *, cap: int = 8192, capacity_bytes: int | None = None,
-                   start: int | None = None, min_batch: int = 1, tuning: Tuning = DEFAULT) -> MaxBatchResult:
+                   start: int | None = None, min_batch: int = 1, tuning: Tuning = DEFAULT,
+                   predict: Callable[[int], int | None] | None = None) -> MaxBatchResult:
     """The exact largest batch <= ``cap`` that fits; see the module docstring.
 
     ``capacity_bytes`` (memory the search may use) lets the guide aim at the limit; ``start`` is a
-    predicted maximum batch to begin from; ``min_batch`` the smallest batch the model takes (2 for
-    BatchNorm in training), probed first. Raises NoBatchFits when ``min_batch`` does not fit.
+    predicted maximum batch to begin from: with a capacity it is probed first and certified by its
+    neighbour. ``min_batch`` is the smallest batch the model takes (2 for BatchNorm in training):
+    probed first when there is no such start, and nothing below it is ever probed. ``predict(b)``:
+    predicted peak bytes at b (None: unknown), the shape the guide corrects by the measured peaks
+    and follows while it keeps agreeing with them. Raises NoBatchFits when ``min_batch`` does not fit.
     """
     if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
         raise ConfigError(f"min_batch must be an integer >= 1 (the smallest batch the model takes), "
@@ -64,12 +68,12 @@ def find_max_batch(probe: Callable[[int], int], *, cap: int = 8192, capacity_byt
         raise ConfigError(f"capacity_bytes must be > 0 or None (unknown), got {capacity_bytes!r}")
     if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
         raise ConfigError(f"start must be an integer >= 1 or None, got {start!r}")
-    bracket = Bracket(cap, capacity_bytes, start)
-    if not _attempt(probe, bracket, min_batch):
-        raise NoBatchFits(_no_fit_message(bracket.last_oom, bracket.capacity, min_batch))
-    guide = Guide(bracket, tuning)
+    bracket = Bracket(cap, capacity_bytes, start, min_batch)
+    guide = Guide(bracket, tuning, predict)
     while not bracket.settled:
         _attempt(probe, bracket, bracket.inside(guide.next_batch()))
+    if bracket.low == 0:  # min_batch ran out of memory (the bracket only settles at 0 when high is min_batch)
+        raise NoBatchFits(_no_fit_message(bracket.last_oom, bracket.capacity, min_batch))
     return MaxBatchResult(bracket.low, bracket.probes, sum(not p.fits for p in bracket.probes),
                           bracket.capacity)
 

@@ -15,6 +15,13 @@ class Tuning:
 
     #: Peaks are reported in allocator blocks: two measurements closer than this say nothing about slope.
     memory_granularity_bytes: int = 2 << 20
+    #: With a start and a capacity, probe the start first (certified by its neighbour), not batch 1.
+    start_first: bool = True
+    #: After the start ran out of memory, probe this share below it before falling back to batch 1
+    #: (a prediction 30% low puts the start ~43% high; the corrected prediction aims from there).
+    start_backoff: float = 0.4
+    #: Follow the workload's prediction, corrected by the measured peaks, while it agrees with them.
+    trust_prediction: bool = True
     #: Fraction of a ``start`` prediction probed first: memory predicted ~30% low puts it ~43% high.
     start_safety: float = 0.7
     #: Share of the memory at the limit assumed to grow with batch squared when only a line is fitted.
@@ -29,6 +36,17 @@ class Tuning:
     growth_limit: float = 256.0
     #: A safe jump must cover this share of the distance to the predicted limit; shorter ones creep.
     min_jump_share: float = 0.75
+    #: The optimal batch from a model of step time (largest batch and batch 1 first, then where
+    #: the model puts the peak and the band crossing), not a sweep of every power of two.
+    throughput_model: bool = True
+    #: A measured batch must beat the largest by this share before the peak is searched below it,
+    #: and the peak is narrowed only towards neighbours this much slower (timing noise is ~1-2%).
+    peak_margin: float = 0.02
+    #: Rounds of measuring again the batches within ``peak_margin`` of the best (a close call).
+    decide_rounds: int = 2
+    #: At most this many measurements aimed at the band crossing: the line through step times
+    #: lands on it or next to it, and the band is a tolerance, not a target.
+    crossing_steps: int = 3
     #: The optimal-batch refinement stops once neighbouring measured batches are this close (ratio)
     #: around the peak, and around the tolerance crossing.
     peak_resolution: float = 1.05
@@ -39,12 +57,19 @@ DEFAULT = Tuning()
 
 #: The value that switches each heuristic off (the plain behaviour it refines).
 OFF: dict[str, object] = {
+    "start_first": False,         # batch 1 first, then a safe share of the start
+    "start_backoff": 0.0,         # after the start ran out of memory, batch 1 next
+    "trust_prediction": False,    # the fitted search only, whatever the prediction
     "start_safety": 1.0,          # probe the predicted start itself
     "curvature_prior": 0.0,       # trust a line fitted through the peaks
     "leverage_weight": 0.0,       # judge the fit by its slope error alone
     "curvature_spread": 1,        # fit a parabola through any three peaks
     "growth_share": 0.0,          # plain doubling until the first OOM
     "min_jump_share": 1.0,        # jump only when the fit is good enough to aim
+    "throughput_model": False,    # time every power of two up to the maximum, then refine
+    "peak_margin": 0.0,           # chase any batch that measured above the largest
+    "decide_rounds": 0,           # the best median of one measurement each wins
+    "crossing_steps": 64,         # aim at the crossing until its neighbours are close
     "peak_resolution": 2.0,       # refine the peak only to within a factor of 2
     "crossing_resolution": 2.0,   # refine the tolerance crossing only to within a factor of 2
 }
