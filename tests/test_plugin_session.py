@@ -50,7 +50,7 @@ def test_expect_reports_every_missed_target_with_numbers(tmp_path):
 
 def test_a_speedup_target_missed_by_noise_alone_does_not_fail(tmp_path):
     result = session(tmp_path).run("t.py::test_a", MODEL)
-    just_above = result.speedup * 1.02    # the medians miss it by 2%, the samples cannot tell
+    just_above = result.speedup * 1.005   # the medians miss it by 0.5%, the samples cannot tell
     result.expect(min_speedup=just_above)
     result.throughput_samples, result.batch1_throughput_samples = [], []
     with pytest.raises(AssertionError, match="speedup"):
