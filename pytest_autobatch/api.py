@@ -1,15 +1,20 @@
-"""Read what CI measured from production code: the stored optimal batch for the hardware at hand.
+"""From production code: the stored optimal batch for the hardware at hand, and the per-rank
+batch of a data-parallel job, searched by all its ranks together.
 
     from pytest_autobatch import stored_optimal_batch
     batch = stored_optimal_batch("resnet50", baselines_dir="baselines", default=32)
 
-No pytest and no search here. The hardware key comes from the device (torch is imported only for
-cpu/cuda/auto, to fingerprint the hardware) unless it is passed in.
+    from pytest_autobatch import agreed_batch          # on every rank of a torchrun job
+    batch = agreed_batch(model, example, mode="train").optimal_batch
+
+No pytest here. The hardware key comes from the device (torch is imported only for cpu/cuda/auto,
+to fingerprint the hardware) unless it is passed in.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .baselines import BaselineStore, split_entry_key
@@ -56,3 +61,52 @@ def stored_optimal_batch(name: str, baselines_dir: str | os.PathLike[str] = "bas
         return default
     raise ConfigError(f"no baseline for {name!r} in {baselines_dir} for this hardware: record one with "
                       f"pytest --autobatch on it, or pass default=<batch> for unknown hardware")
+
+
+@dataclass(frozen=True)
+class AgreedBatch:
+    """The batch every rank of a job agreed on: per rank, with the job's throughput (summed over ranks).
+
+    ``limited_by``: the ranks that ran out of memory just above ``max_batch`` (None: the cap was
+    reached); ``entry``: the whole search, in the baseline format (DESIGN.md).
+    """
+
+    optimal_batch: int
+    max_batch: int
+    throughput: float
+    world_size: int
+    limited_by: list[int] | None
+    entry: dict[str, Any]
+
+
+def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", device: str = "auto",
+                 memory_budget: int | str | None = None, cap: int | None = None,
+                 max_latency_s: float | None = None, name: str | None = None, timeout_s: float | None = None,
+                 progress: Any = None, steady_pause_s: float | None = None, **options: Any) -> AgreedBatch:
+    """Search the per-rank batch of a data-parallel job; call it on every rank, before the DataLoader.
+
+    Every rank probes the same batches and ends with the same answer: the largest per-rank batch
+    that fits on every rank, and the optimal one by the job's throughput. ``model`` is the rank's
+    plain module (not yet wrapped in DDP/FSDP), ``example_input`` and ``options`` as for the
+    ``optimal_batch`` fixture. The process group is the caller's, or started from torchrun's
+    environment; ``timeout_s`` bounds each wait for the other ranks; ``steady_pause_s`` is the pause
+    before timing again while the OS says the machine is busy (``record.STEADY_PAUSE_S``).
+    """
+    from .devices.distributed import DEFAULT_RANK_TIMEOUT_S, agreed_device
+    from .record import DEFAULT_CAP, STEADY_PAUSE_S, record_entry
+    from .session import model_name
+    from .units import parse_size
+    budget = None if memory_budget is None else parse_size(memory_budget, what="memory budget")
+    job = agreed_device(device, memory_budget=budget, timeout_s=timeout_s or DEFAULT_RANK_TIMEOUT_S)
+    workload = job.workload(model, example_input, mode=mode, **options)
+    try:
+        limit = workload.batch_limit
+        cap = DEFAULT_CAP if cap is None else cap
+        entry = record_entry(job, workload, model=name or model_name(model, mode),
+                             cap=min(cap, limit) if limit is not None else cap, max_latency_s=max_latency_s,
+                             progress=progress,
+                             steady_pause_s=STEADY_PAUSE_S if steady_pause_s is None else steady_pause_s)
+    finally:
+        workload.close()
+    return AgreedBatch(entry["optimal_batch"], entry["max_batch"], entry["throughput"], job.world_size,
+                       workload.limited_by(), entry)
