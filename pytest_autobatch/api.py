@@ -65,10 +65,11 @@ def stored_optimal_batch(name: str, baselines_dir: str | os.PathLike[str] = "bas
 
 @dataclass(frozen=True)
 class AgreedBatch:
-    """The batch every rank of a job agreed on: per rank, with the job's throughput (summed over ranks).
+    """The batch every rank of a job agreed on, per rank; ``throughput`` is the job's (summed over ranks)
+    at ``optimal_batch``.
 
     ``limited_by``: the ranks that ran out of memory just above ``max_batch`` (None: the cap was
-    reached); ``entry``: the whole search, in the baseline format (DESIGN.md).
+    reached); ``probes``/``ooms``: memory probes made, and how many ran out of memory.
     """
 
     optimal_batch: int
@@ -76,37 +77,37 @@ class AgreedBatch:
     throughput: float
     world_size: int
     limited_by: list[int] | None
-    entry: dict[str, Any]
+    probes: int
+    ooms: int
 
 
 def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", device: str = "auto",
                  memory_budget: int | str | None = None, cap: int | None = None,
-                 max_latency_s: float | None = None, name: str | None = None, timeout_s: float | None = None,
-                 progress: Any = None, steady_pause_s: float | None = None, **options: Any) -> AgreedBatch:
+                 max_latency_s: float | None = None, timeout_s: float | None = None,
+                 **options: Any) -> AgreedBatch:
     """Search the per-rank batch of a data-parallel job; call it on every rank, before the DataLoader.
 
     Every rank probes the same batches and ends with the same answer: the largest per-rank batch
     that fits on every rank, and the optimal one by the job's throughput. ``model`` is the rank's
     plain module (not yet wrapped in DDP/FSDP), ``example_input`` and ``options`` as for the
     ``optimal_batch`` fixture. The process group is the caller's, or started from torchrun's
-    environment; ``timeout_s`` bounds each wait for the other ranks; ``steady_pause_s`` is the pause
-    before timing again while the OS says the machine is busy (``record.STEADY_PAUSE_S``).
+    environment; ``timeout_s`` bounds each wait for the other ranks. Nothing is stored: record
+    baselines with ``torchrun -m pytest --autobatch``.
     """
     from .devices.distributed import DEFAULT_RANK_TIMEOUT_S, agreed_device
-    from .record import DEFAULT_CAP, STEADY_PAUSE_S, record_entry
-    from .session import model_name
+    from .record import DEFAULT_CAP, search_batches
+    from .stats import median
     from .units import parse_size
     budget = None if memory_budget is None else parse_size(memory_budget, what="memory budget")
     job = agreed_device(device, memory_budget=budget, timeout_s=timeout_s or DEFAULT_RANK_TIMEOUT_S)
     workload = job.workload(model, example_input, mode=mode, **options)
     try:
-        limit = workload.batch_limit
         cap = DEFAULT_CAP if cap is None else cap
-        entry = record_entry(job, workload, model=name or model_name(model, mode),
-                             cap=min(cap, limit) if limit is not None else cap, max_latency_s=max_latency_s,
-                             progress=progress,
-                             steady_pause_s=STEADY_PAUSE_S if steady_pause_s is None else steady_pause_s)
+        limit = workload.batch_limit
+        maximum, optimal = search_batches(workload, job.capacity_bytes(), max_latency_s=max_latency_s,
+                                          cap=min(cap, limit) if limit is not None else cap)
     finally:
         workload.close()
-    return AgreedBatch(entry["optimal_batch"], entry["max_batch"], entry["throughput"], job.world_size,
-                       workload.limited_by(), entry)
+    return AgreedBatch(optimal.optimal_batch, optimal.max_batch or maximum.max_batch,
+                       median(optimal.measurements[optimal.optimal_batch]), job.world_size,
+                       workload.limited_by(), len(maximum.probes), maximum.ooms + len(optimal.oom_batches))

@@ -235,9 +235,11 @@ class AgreedDevice:
         self._hardware: dict[str, Any] | None = None
 
     def hardware(self) -> dict[str, Any]:
-        """Rank 0's fields (what the gate notes changes of), the world size, and every rank's own."""
+        """Rank 0's fields (what the gate notes changes of), the world size, and every rank's own
+        with its key (the job's key is made of them)."""
         if self._hardware is None:
-            ranks = agreed(self.exchange, "describing the hardware", self.inner.hardware)[1]
+            ranks = agreed(self.exchange, "describing the hardware",
+                           lambda: {**self.inner.hardware(), "hardware_key": self.inner.hardware_key()})[1]
             self._hardware = {**ranks[0], "device": "distributed", "world_size": self.world_size,
                               "backend": self.exchange.backend, "ranks": ranks}
         return self._hardware

@@ -73,10 +73,12 @@ class TorchExchange:
             self.store.wait(keys, self.timeout)
         except Exception:   # the store's timeout error differs between torch versions
             missing = self._store(lambda: [rank for rank, key in enumerate(keys) if not self.store.check([key])], step)
-            raise RankSilent(f"rank {self.rank}: {', '.join(map(str, missing)) or 'a rank'} did not reach the "
-                             f"batch search's step {number} ({step}) within {self.timeout.total_seconds():g} s: "
-                             "that rank was killed, hung, or is running other code (a test or script that "
-                             "does not call the search on every rank); see its output") from None
+            silent = (("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing))) if missing \
+                else "a rank"
+            raise RankSilent(f"{silent} did not reach the batch search's step {number} ({step}) within "
+                             f"{self.timeout.total_seconds():g} s (seen from rank {self.rank}): that rank was "
+                             "killed, hung, or is running other code (a test or script that does not call "
+                             "the search on every rank); see its output") from None
         gathered: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(gathered, (step, value), group=self.group)

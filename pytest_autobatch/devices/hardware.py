@@ -157,7 +157,7 @@ def key_of_hardware(info: dict[str, Any]) -> str:
     comparable across them, judged relative to the reference workload.
     """
     if info["device"] == "distributed":
-        return distributed_key([key_of_hardware(rank) for rank in info["ranks"]])
+        return distributed_key([rank.get("hardware_key") or key_of_hardware(rank) for rank in info["ranks"]])
     if info["device"] == "cpu":
         return f"cpu-{slug(info['name'])}-{isa_level(info.get('isa') or [])}-{info['cpus']}cpus"
     gib = round(info["total_memory_bytes"] / 1024 ** 3)
