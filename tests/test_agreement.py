@@ -150,6 +150,17 @@ def test_rank_zero_writes_the_baseline_once_and_every_rank_is_served_from_it(tmp
 
 def test_a_changed_world_size_records_a_new_entry_instead_of_failing(tmp_path):
     session_on_every_rank(tmp_path, 2)
-    grown = session_on_every_rank(tmp_path, 3)
+    with pytest.warns(UserWarning, match=r"other jobs \(world2-sim-h100\) but none for this one \(world3-sim-h100\)"):
+        grown = session_on_every_rank(tmp_path, 3)
     assert [result.status for result, _ in grown] == ["new"] * 3
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world2-sim-h100", "world3-sim-h100"]
+
+
+def test_a_wrapped_model_is_refused_before_any_probe():
+    class DistributedDataParallel:
+        pass
+
+    outcomes = on_every_rank([SimulatedDevice("h100")] * 2,
+                             lambda device: device.workload(DistributedDataParallel()))
+    assert all("not a DistributedDataParallel" in str(outcome) and "ddp.module" in str(outcome)
+               for outcome in outcomes)

@@ -19,7 +19,9 @@ torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from pytest_autobatch import agreed_batch
 from pytest_autobatch.devices import get_device
+from pytest_autobatch.errors import ConfigError
 from pytest_autobatch.search import find_max_batch
 
 pytest_plugins = ["pytester"]
@@ -97,6 +99,14 @@ def single_process_max_batch(budget):
         return find_max_batch(workload.probe, capacity_bytes=budget, min_batch=workload.min_batch).max_batch
     finally:
         workload.close()
+
+
+def test_without_a_process_group_or_torchrun_the_search_says_how_to_start_one(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="process group is not initialised and this is not a torchrun job: call "
+                                          r"torch.distributed.init_process_group\(...\) first"):
+        agreed_batch(torch.nn.Linear(2, 2), torch.rand(1, 2), device="cpu")
 
 
 def test_two_ranks_agree_on_the_smaller_ranks_exact_maximum(tmp_path):

@@ -17,10 +17,11 @@ A rank that raises anything else stops every rank: it re-raises its own error, t
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TypeVar
 
-from ..baselines import BaselineStore
+from ..baselines import BaselineStore, module_key, split_entry_key
 from ..errors import AutobatchError, ConfigError, OutOfMemory, is_oom_error
 from .base import Device, PairedSamples, Workload, stable_hash
 
@@ -223,6 +224,10 @@ class AgreedWorkload:
         self.inner.close()
 
 
+#: Data-parallel wrappers whose step holds collectives (FSDP2's classes are named FSDP<Module>).
+_PARALLEL_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel")
+
+
 class AgreedDevice:
     """Implements ``Device`` for one rank of a job: the job's hardware, the tightest rank's capacity."""
 
@@ -254,6 +259,12 @@ class AgreedDevice:
 
     def workload(self, model: Any, example_input: Any = None, *, mode: str = "inference",
                  **options: Any) -> AgreedWorkload:
+        wrapper = type(model).__name__
+        if wrapper in _PARALLEL_WRAPPERS or wrapper.startswith("FSDP"):
+            raise ConfigError(f"the agreed search takes each rank's plain module, not a {wrapper}: its step "
+                              "runs a gradient all-reduce, and a rank that ran out of memory inside it would "
+                              "leave the others waiting. Search the module before wrapping it (for DDP, "
+                              "ddp.module) and wrap it after")
         return AgreedWorkload(self.exchange, lambda: self.inner.workload(model, example_input, mode=mode,
                                                                          **options))
 
@@ -286,7 +297,26 @@ class RankZeroStore(BaselineStore):
         return value
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self._from_rank_zero(f"reading the baseline of {key}", lambda: super(RankZeroStore, self).get(key))
+        return self._from_rank_zero(f"reading the baseline of {key}", lambda: self._get_noting_other_jobs(key))
+
+    def _get_noting_other_jobs(self, key: str) -> dict[str, Any] | None:
+        """The entry; when there is none, a warning naming the other jobs (world sizes, devices) that have one."""
+        entry = super().get(key)
+        if entry is None:
+            module = module_key(split_entry_key(key)[0])
+            others = []
+            for folder in sorted(self.root.glob("world*")):
+                try:
+                    other = BaselineStore(self.root, folder.name)
+                    if folder.name != self.hardware_key and key in other.entries(module):
+                        others.append(folder.name)
+                except AutobatchError:
+                    continue   # another job's unreadable file is that job's business
+            if others:
+                warnings.warn(f"pytest-autobatch: {key} has baselines for other jobs ({', '.join(others)}) but "
+                              f"none for this one ({self.hardware_key}): the world size or a rank's device "
+                              "changed, so this job is searched and recorded as a new baseline", stacklevel=2)
+        return entry
 
     def recorded_hardware(self, key: str) -> dict[str, Any]:
         return self._from_rank_zero(f"reading the hardware of {key}",
