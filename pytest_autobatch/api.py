@@ -94,7 +94,8 @@ def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", 
     environment; ``timeout_s`` bounds each wait for the other ranks. Nothing is stored: record
     baselines with ``torchrun -m pytest --autobatch``.
     """
-    from .devices.distributed import DEFAULT_RANK_TIMEOUT_S, agreed_device
+    from .devices.agreement import DEFAULT_RANK_TIMEOUT_S
+    from .devices.distributed import agreed_device
     from .record import DEFAULT_CAP, search_batches
     from .stats import median
     from .units import parse_size

@@ -98,7 +98,7 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
      "test passes), retry (measure again after a pause, then warn) or fail"),
     ("--autobatch-report", "autobatch_report", str, None,
      "at the end of the session, write the Markdown report and PNG plots of the baselines to DIR"),
-    ("--autobatch-rank-timeout", "autobatch_rank_timeout", parse_seconds, 300.0,
+    ("--autobatch-rank-timeout", "autobatch_rank_timeout", parse_seconds, None,
      "under torchrun: seconds each rank waits for the others at each step of a search before it "
      "stops with an error naming the silent rank (default 300)"),
 )
@@ -142,7 +142,7 @@ def settings(config: pytest.Config) -> Settings | None:
     values = {dest: option(config, dest, parse, default) for _, dest, parse, default, _ in _OPTIONS}
     if not values["autobatch"]:
         return None
-    from .devices.agreement import launched_distributed
+    from .devices.agreement import DEFAULT_RANK_TIMEOUT_S, launched_distributed
     from .session import Settings
     _check_memory_budget(values["autobatch_memory_budget"])
     folder = Path(values["autobatch_baselines"])
@@ -157,7 +157,7 @@ def settings(config: pytest.Config) -> Settings | None:
                     memory_budget=values["autobatch_memory_budget"],
                     inconclusive=values["autobatch_inconclusive"],
                     distributed=launched_distributed(), rank=int(os.environ.get("RANK", 0)),
-                    rank_timeout_s=values["autobatch_rank_timeout"])
+                    rank_timeout_s=values["autobatch_rank_timeout"] or DEFAULT_RANK_TIMEOUT_S)
 
 
 def _check_memory_budget(budget: int | None) -> None:

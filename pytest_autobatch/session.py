@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .arguments import check_call, check_marker
 from .baselines import BaselineStore, entry_key, module_key, split_entry_key
+from .devices.agreement import DEFAULT_RANK_TIMEOUT_S
 from .devices.base import Device, Workload
 from .errors import BaselineError, ConfigError
 from .gate import (
@@ -50,7 +51,7 @@ class Settings:
     #: under torchrun: every rank searches together (devices/agreement.py); rank 0 writes baselines
     distributed: bool = False
     rank: int = 0
-    rank_timeout_s: float = 300.0
+    rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S
 
 
 @dataclass

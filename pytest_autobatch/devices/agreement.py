@@ -27,6 +27,10 @@ from .base import Device, PairedSamples, Workload, stable_hash
 
 _Local = TypeVar("_Local")
 
+#: How long a rank waits for the others at each step of the search: longer than the slowest
+#: rank's probe or timing block, short enough that a dead rank is reported while someone watches.
+DEFAULT_RANK_TIMEOUT_S = 300.0
+
 _LAUNCHER_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

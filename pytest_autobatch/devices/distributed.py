@@ -19,12 +19,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from .agreement import AgreedDevice, RankSilent, launched_distributed
+from .agreement import DEFAULT_RANK_TIMEOUT_S, AgreedDevice, RankSilent, launched_distributed
 from .base import Device
 
-#: How long a rank waits for the others at each step of the search: longer than the slowest
-#: rank's probe or timing block, short enough that a dead rank is reported while someone watches.
-DEFAULT_RANK_TIMEOUT_S = 300.0
 
 def _initialised_group() -> None:
     """The default process group: the caller's, or one started from torchrun's environment."""
