@@ -126,8 +126,10 @@ def test_the_key_names_the_world_size_and_every_kind_of_rank():
     assert many.startswith("world8-gpu-model-0-") and len(many) <= 120
 
 
-def session_on_every_rank(tmp_path, world_size):
+def session_on_every_rank(tmp_path, world_size, capacities=None):
     """One pytest session per rank of a simulated job, each searching the same test's model."""
+    capacities = capacities or [None] * world_size
+
     def run(device):
         session = AutobatchSession(Settings(baselines=tmp_path, steady_pause_s=0.0),
                                    device_factory=lambda *_, **__: device, batch_writes=True)
@@ -135,7 +137,8 @@ def session_on_every_rank(tmp_path, world_size):
         assert isinstance(session.store, RankZeroStore)
         return result, session.flush()
 
-    return on_every_rank([SimulatedDevice("h100", seed=rank) for rank in range(world_size)], run)
+    return on_every_rank([SimulatedDevice("h100", seed=rank, capacity_bytes=capacities[rank])
+                          for rank in range(world_size)], run)
 
 
 def test_rank_zero_writes_the_baseline_once_and_every_rank_is_served_from_it(tmp_path):
@@ -146,6 +149,15 @@ def test_rank_zero_writes_the_baseline_once_and_every_rank_is_served_from_it(tmp
     second = session_on_every_rank(tmp_path, 2)
     assert [result.status for result, _ in second] == ["cached", "cached"]
     assert {result.max_batch for result, _ in second} == {result.max_batch}
+
+
+def test_the_gate_fails_every_rank_when_one_rank_no_longer_fits_the_stored_batch(tmp_path):
+    [(recorded, _), _] = session_on_every_rank(tmp_path, 2)
+    squeezed = SimulatedDevice("h100").workload(MODEL).needed_bytes(recorded.max_batch) - 1
+    gated = session_on_every_rank(tmp_path, 2, capacities=[None, squeezed])
+    for result, _ in gated:
+        assert result.status == "cached" and result.failed
+        assert [finding.kind for finding in result.findings if finding.failed] == ["oom"]
 
 
 def test_a_changed_world_size_records_a_new_entry_instead_of_failing(tmp_path):
