@@ -79,7 +79,7 @@ def job_environment():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(tmp_path, ranks, *args, timeout=300):
+def torchrun(tmp_path, ranks, *args, timeout=600):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     began = time.monotonic()
@@ -180,7 +180,7 @@ def test_pytest_under_torchrun_records_once_from_rank_zero_then_serves_every_ran
             "--autobatch-tolerance=99%", "--autobatch-rank-timeout=60", "-s", "-q"]
 
     def run():
-        done = subprocess.run(args, capture_output=True, text=True, timeout=180, env=job_environment(),
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=job_environment(),
                               cwd=pytester.path)
         assert done.returncode == 0, done.stdout + done.stderr
         return [line.split() for line in lines(done.stdout, "RESULT ")]
