@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "stored_optimal_batch": "api", "stored_entry": "api",
+    "stored_optimal_batch": "api", "stored_entry": "api", "agreed_batch": "api", "AgreedBatch": "api",
     "BaselineStore": "baselines",
     "compare_throughput": "stats", "mann_whitney_u": "stats", "summarize": "stats",
     "find_max_batch": "search", "find_optimal_batch": "search",

@@ -1,16 +1,21 @@
-"""Read what CI measured from production code: the stored optimal batch for the hardware at hand.
+"""From production code: the stored optimal batch for the hardware at hand, and the per-rank
+batch of a data-parallel job, searched by all its ranks together.
 
     from pytest_autobatch import stored_optimal_batch
     batch = stored_optimal_batch("resnet50", baselines_dir="baselines", default=32)
     batch = stored_optimal_batch("llama", length=prompt_tokens + new_tokens, default=1)   # a frontier
 
-No pytest and no search here. The hardware key comes from the device (torch is imported only for
-cpu/cuda/auto, to fingerprint the hardware) unless it is passed in.
+    from pytest_autobatch import agreed_batch          # on every rank of a torchrun job
+    batch = agreed_batch(model, example, mode="train").optimal_batch
+
+No pytest here. The hardware key comes from the device (torch is imported only for cpu/cuda/auto,
+to fingerprint the hardware) unless it is passed in.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .baselines import BaselineStore, split_entry_key
@@ -82,3 +87,54 @@ def frontier_row(entry: dict[str, Any], length: int, name: str) -> dict[str, Any
 
 def _tokens(row: dict[str, Any]) -> int:
     return int(row["prompt_tokens"]) + int(row["new_tokens"])
+
+
+@dataclass(frozen=True)
+class AgreedBatch:
+    """The batch every rank of a job agreed on, per rank; ``throughput`` is the job's (summed over ranks)
+    at ``optimal_batch``.
+
+    ``limited_by``: the ranks that ran out of memory just above ``max_batch`` (None: the cap was
+    reached); ``probes``/``ooms``: memory probes made, and how many ran out of memory.
+    """
+
+    optimal_batch: int
+    max_batch: int
+    throughput: float
+    world_size: int
+    limited_by: list[int] | None
+    probes: int
+    ooms: int
+
+
+def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", device: str = "auto",
+                 memory_budget: int | str | None = None, cap: int | None = None,
+                 max_latency_s: float | None = None, timeout_s: float | None = None,
+                 **options: Any) -> AgreedBatch:
+    """Search the per-rank batch of a data-parallel job; call it on every rank, before the DataLoader.
+
+    Every rank probes the same batches and ends with the same answer: the largest per-rank batch
+    that fits on every rank, and the optimal one by the job's throughput. ``model`` is the rank's
+    plain module (not yet wrapped in DDP/FSDP), ``example_input`` and ``options`` as for the
+    ``optimal_batch`` fixture. The process group is the caller's, or started from torchrun's
+    environment; ``timeout_s`` bounds each wait for the other ranks. Nothing is stored: record
+    baselines with ``torchrun -m pytest --autobatch``.
+    """
+    from .devices.agreement import DEFAULT_RANK_TIMEOUT_S
+    from .devices.distributed import agreed_device
+    from .record import DEFAULT_CAP, search_batches
+    from .stats import median
+    from .units import parse_size
+    budget = None if memory_budget is None else parse_size(memory_budget, what="memory budget")
+    job = agreed_device(device, memory_budget=budget, timeout_s=timeout_s or DEFAULT_RANK_TIMEOUT_S)
+    workload = job.workload(model, example_input, mode=mode, **options)
+    try:
+        cap = DEFAULT_CAP if cap is None else cap
+        limit = workload.batch_limit
+        maximum, optimal = search_batches(workload, job.capacity_bytes(), max_latency_s=max_latency_s,
+                                          cap=min(cap, limit) if limit is not None else cap)
+    finally:
+        workload.close()
+    return AgreedBatch(optimal.optimal_batch, optimal.max_batch or maximum.max_batch,
+                       median(optimal.measurements[optimal.optimal_batch]), job.world_size,
+                       workload.limited_by(), len(maximum.probes), maximum.ooms + len(optimal.oom_batches))

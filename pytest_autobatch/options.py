@@ -9,6 +9,7 @@ Imports nothing beyond the standard library and pytest until an option is parsed
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -49,6 +50,18 @@ def parse_size(text: str) -> int:
     return parse(text)
 
 
+def parse_seconds(text: str) -> float:
+    """A positive number of seconds."""
+    from .errors import ConfigError
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 INCONCLUSIVE_POLICIES = ("warn", "retry", "fail")
 
 
@@ -85,10 +98,13 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
      "test passes), retry (measure again after a pause, then warn) or fail"),
     ("--autobatch-report", "autobatch_report", str, None,
      "at the end of the session, write the Markdown report and PNG plots of the baselines to DIR"),
+    ("--autobatch-rank-timeout", "autobatch_rank_timeout", parse_seconds, None,
+     "under torchrun: seconds each rank waits for the others at each step of a search before it "
+     "stops with an error naming the silent rank (default 300)"),
 )
 
 _METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_size: "SIZE",
-             parse_inconclusive: "{warn,retry,fail}"}
+             parse_inconclusive: "{warn,retry,fail}", parse_seconds: "SECONDS"}
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -126,6 +142,7 @@ def settings(config: pytest.Config) -> Settings | None:
     values = {dest: option(config, dest, parse, default) for _, dest, parse, default, _ in _OPTIONS}
     if not values["autobatch"]:
         return None
+    from .devices.agreement import DEFAULT_RANK_TIMEOUT_S, launched_distributed
     from .session import Settings
     _check_memory_budget(values["autobatch_memory_budget"])
     folder = Path(values["autobatch_baselines"])
@@ -138,7 +155,9 @@ def settings(config: pytest.Config) -> Settings | None:
                     tolerance=values["autobatch_tolerance"],
                     memory_tolerance=values["autobatch_memory_tolerance"],
                     memory_budget=values["autobatch_memory_budget"],
-                    inconclusive=values["autobatch_inconclusive"])
+                    inconclusive=values["autobatch_inconclusive"],
+                    distributed=launched_distributed(), rank=int(os.environ.get("RANK", 0)),
+                    rank_timeout_s=values["autobatch_rank_timeout"] or DEFAULT_RANK_TIMEOUT_S)
 
 
 def _check_memory_budget(budget: int | None) -> None:

@@ -289,6 +289,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     if state.record.errors and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if state.settings.rank != 0:
+        return   # rank 0 of a distributed job reports and removes unused entries for all ranks
     from .errors import AutobatchError
     try:
         state.record.find_unused(state.settings.baselines, update=state.settings.update,

@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 from .devices.base import Device, PairedSamples, Workload, stable_hash
 from .errors import catch_oom
-from .search import OptimalBatchResult, find_max_batch, find_optimal_batch, predicted_max_batch
+from .search import MaxBatchResult, OptimalBatchResult, find_max_batch, find_optimal_batch, predicted_max_batch
 from .stats import NOISY_SPREAD, median, summarize
 from .units import format_bytes
 
@@ -179,6 +179,24 @@ def smallest_batch(workload: Workload) -> int:
     return smallest if isinstance(smallest, int) and smallest >= 1 else 1
 
 
+def search_batches(workload: Workload, capacity: int | None, *, cap: int, max_latency_s: float | None = None,
+                   band: float = DEFAULT_OPTIMAL_BAND, probe: Callable[[int], int] | None = None,
+                   measure: Callable[[int], list[float]] | None = None,
+                   predict: Callable[[int], int | None] | None = None) -> tuple[MaxBatchResult, OptimalBatchResult]:
+    """The maximum batch (starting where the workload's prediction for ``capacity`` points, and
+    following the prediction while it agrees with the peaks), then the optimal batch below it;
+    ``probe``/``measure``/``predict`` default to the workload's own."""
+    smallest = smallest_batch(workload)
+    predict = predict or workload.predict_peak_bytes
+    predicted = predicted_max_batch(predict, capacity, cap, smallest=smallest) if capacity else None
+    start = None if predicted is None else max(smallest, predicted)
+    max_result = find_max_batch(probe or workload.probe, cap=cap, capacity_bytes=capacity, start=start,
+                                min_batch=smallest, predict=predict)
+    optimal = find_optimal_batch(measure or workload.measure, max_batch=max_result.max_batch,
+                                 band=band, max_latency_s=max_latency_s, min_batch=smallest)
+    return max_result, optimal
+
+
 def record_entry(device: Device, workload: Workload, *, model: str, cap: int | None = None,
                  max_latency_s: float | None = None, band: float = DEFAULT_OPTIMAL_BAND,
                  progress: Progress | None = None, steady_pause_s: float = STEADY_PAUSE_S) -> dict[str, Any]:
@@ -193,13 +211,8 @@ def record_entry(device: Device, workload: Workload, *, model: str, cap: int | N
     began = time.perf_counter()
     recorder = _Recorder(workload, f"{model} on {device.name}", progress or silent)
     capacity = device.capacity_bytes()
-    predicted = (predicted_max_batch(recorder.predict, capacity, cap, smallest=smallest)
-                 if capacity else None)
-    start = None if predicted is None else max(smallest, predicted)
-    max_result = find_max_batch(recorder.probe, cap=cap, capacity_bytes=capacity, start=start,
-                                min_batch=smallest, predict=recorder.predict)
-    optimal = find_optimal_batch(recorder.measure, max_batch=max_result.max_batch,
-                                 band=band, max_latency_s=max_latency_s, min_batch=smallest)
+    max_result, optimal = search_batches(workload, capacity, cap=cap, max_latency_s=max_latency_s, band=band,
+                                         probe=recorder.probe, measure=recorder.measure, predict=recorder.predict)
     max_batch = optimal.max_batch or max_result.max_batch  # lower when a batch ran out of memory while timed
     batch1_samples = optimal.measurements.get(smallest) or recorder.measure(smallest)
     peak_at_optimal = recorder.peak_at(optimal.optimal_batch)

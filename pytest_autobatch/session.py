@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from .arguments import check_call, check_marker
 from .baselines import BaselineStore, entry_key, module_key, split_entry_key
+from .devices.agreement import DEFAULT_RANK_TIMEOUT_S
 from .devices.base import Device, Workload
 from .errors import BaselineError, ConfigError
 from .gate import (
@@ -59,6 +60,10 @@ class Settings:
     memory_budget: int | None = None
     inconclusive: str = "warn"
     steady_pause_s: float = STEADY_PAUSE_S
+    #: under torchrun: every rank searches together (devices/agreement.py); rank 0 writes baselines
+    distributed: bool = False
+    rank: int = 0
+    rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S
 
 
 @dataclass
@@ -230,14 +235,21 @@ class AutobatchSession:
             if factory is None:
                 from .devices import get_device
                 factory = get_device
-            self._device = factory(self.settings.device, memory_budget=self.settings.memory_budget)
+            if self.settings.distributed:
+                from .devices.distributed import agreed_device
+                self._device = agreed_device(self.settings.device, memory_budget=self.settings.memory_budget,
+                                             make_device=factory, timeout_s=self.settings.rank_timeout_s)
+            else:
+                self._device = factory(self.settings.device, memory_budget=self.settings.memory_budget)
         return self._device
 
     @property
     def store(self) -> BaselineStore:
         if self._store is None:
             device = self.device
-            store = BaselineStore(self.settings.baselines, device.hardware_key(), device.hardware())
+            # a distributed job's device gives a store that only rank 0 reads and writes
+            make_store = getattr(device, "baseline_store", BaselineStore)
+            store = make_store(self.settings.baselines, device.hardware_key(), device.hardware())
             self.messages.extend(store.migrate())
             self._store = store
         return self._store

@@ -189,6 +189,7 @@ def test_ini_options_configure_the_run(project):
     (("--autobatch-memory-budget=lots",), "*argument --autobatch-memory-budget*not a size*2GiB*"),
     (("--autobatch-inconclusive=ignore",), "*argument --autobatch-inconclusive: 'ignore' is not a choice: use warn, "
                                            "retry, fail*"),
+    (("--autobatch-rank-timeout=0",), "*argument --autobatch-rank-timeout: '0' is not a number of seconds > 0*"),
 ])
 def test_bad_option_values_are_usage_errors(project, args, message):
     result = project.runpytest(*args)

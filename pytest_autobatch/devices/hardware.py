@@ -7,7 +7,7 @@ import platform
 import re
 from typing import Any
 
-from .base import slug
+from .base import slug, stable_hash
 
 #: Share of physical memory the CPU device may use when no budget is given.
 DEFAULT_CPU_BUDGET_SHARE = 0.25
@@ -156,10 +156,29 @@ def key_of_hardware(info: dict[str, Any]) -> str:
     only reported when they differ from the recording (gate.hardware_note): a baseline stays
     comparable across them, judged relative to the reference workload.
     """
+    if info["device"] == "distributed":
+        return distributed_key([rank.get("hardware_key") or key_of_hardware(rank) for rank in info["ranks"]])
     if info["device"] == "cpu":
         return f"cpu-{slug(info['name'])}-{isa_level(info.get('isa') or [])}-{info['cpus']}cpus"
     gib = round(info["total_memory_bytes"] / 1024 ** 3)
     return f"{slug(info['name'])}-{gib}gib"
+
+
+#: Longer keys of jobs over many kinds of device keep the first and a hash of the whole list.
+MAX_DISTRIBUTED_KEY = 120
+
+
+def distributed_key(rank_keys: list[str]) -> str:
+    """"world2-cpu-...-2cpus", or "world3-2x-nvidia-h100-80gib-1x-nvidia-a100-40gib" when ranks differ:
+    a job on 8 GPUs is not a job on 1, and a job with a smaller card is not one without."""
+    kinds = list(dict.fromkeys(rank_keys))
+    if len(kinds) == 1:
+        key = f"world{len(rank_keys)}-{kinds[0]}"
+    else:
+        key = f"world{len(rank_keys)}-" + "-".join(f"{rank_keys.count(kind)}x-{kind}" for kind in kinds)
+    if len(key) <= MAX_DISTRIBUTED_KEY:
+        return key
+    return f"world{len(rank_keys)}-{kinds[0]}-and-{len(kinds) - 1}-more-{stable_hash(rank_keys)[:8]}"
 
 
 def datasheet_peak_tflops(gpu_name: str, dtype_name: str, *, tf32: bool = False) -> float | None:
