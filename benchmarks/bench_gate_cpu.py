@@ -15,7 +15,8 @@ side), in a fresh process:
 - quota 50%: the process in a cgroup with half a CPU's quota (a slower machine, throttled);
 - one core: the process on one CPU with one torch thread (a smaller machine of the same kind).
 
-The gate runs at the plugin's default 10% tolerance, a regression measured again to confirm it as the plugin does. Beside it, pytest-benchmark's
+The gate runs at the plugin's default 10% tolerance, a regression measured again to confirm it
+as the plugin does. Beside it, pytest-benchmark's
 ``--benchmark-compare-fail=mean:10%`` rule on the same raw samples (mean time per sample more than
 10% above the baseline's). A script, not a pytest module; it needs root for the cgroup condition
 (skipped otherwise). Figures go to stdout as a table.
