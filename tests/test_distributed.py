@@ -45,7 +45,7 @@ def make_model():
 '''
 
 JOB = MODEL + f'''
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pytest_autobatch import agreed_batch
 
 FAST = {FAST!r}
@@ -69,6 +69,8 @@ try:
                           timeout_s=timeout_s)
 except Exception as error:
     print(f"STOPPED rank {{rank}} {{type(error).__name__}}: {{error}}", flush=True)
+    if type(error).__name__ == "RankFailed":
+        time.sleep(5)   # torchrun stops the job when a rank exits: let the failing rank report first
     sys.exit(1)
 print("AGREED " + json.dumps({{"rank": rank, "optimal": result.optimal_batch, "max": result.max_batch,
                               "limited_by": result.limited_by, "world_size": result.world_size}}), flush=True)
