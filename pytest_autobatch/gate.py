@@ -28,6 +28,8 @@ _MEMORY_NEXT_STEP = ("If the model is meant to need more memory, re-record with 
 #: Spread (IQR/median) of the reference's rates above which the machine's speed moved too much
 #: during a measurement to judge the model by it (quiet VMs: up to 0.2; contended: 0.3 to 3).
 MAX_REFERENCE_SPREAD = 0.25
+_QUIET = "Run the gate on a quiet machine"
+_CHOOSE_POLICY = "choose --autobatch-inconclusive=retry or fail"
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,14 @@ class Verdict:
     ``change``: the throughput change the verdict went by (relative to the reference workload
     when both sides timed it, else raw); ``raw_change``: samples/s against samples/s;
     ``machine_speed``: this machine's reference rate over the recording's. None: not measured.
+    ``who``: the model and hardware its messages name.
     """
 
     findings: list[Finding]
     change: float | None = None
     raw_change: float | None = None
     machine_speed: float | None = None
+    who: str = ""
 
     @property
     def failed(self) -> bool:
@@ -105,7 +109,7 @@ def check_entry(entry: dict[str, Any], now: Remeasurement, *, hardware: str,
                     for f in findings]
         findings.append(Finding("model_changed", f"{who}: {note}; if intended, re-record with "
                                 "pytest --autobatch --autobatch-update", False))
-    return Verdict(findings, throughput.change, throughput.raw_change, throughput.machine_speed)
+    return Verdict(findings, throughput.change, throughput.raw_change, throughput.machine_speed, who)
 
 
 def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str) -> list[Finding]:
@@ -135,8 +139,7 @@ def _stored_reference(entry: dict[str, Any], now: Remeasurement) -> tuple[list[f
     if stored is None:
         return None, ("the baseline has no reference samples (recorded by an older pytest-autobatch); "
                       "re-record it with pytest --autobatch --autobatch-update to judge relative to the machine")
-    if (not isinstance(stored, list) or len(stored) != len(entry["throughput_samples"])
-            or not all(_positive_number(value) for value in stored)):
+    if not _rates_for(stored, entry["throughput_samples"]):
         return None, ("the baseline's reference_samples are corrupt (they must be one positive number per "
                       "throughput sample); re-record it with pytest --autobatch --autobatch-update")
     if not now.reference_samples:
@@ -145,6 +148,11 @@ def _stored_reference(entry: dict[str, Any], now: Remeasurement) -> tuple[list[f
         return None, (f"the baseline timed another reference ({entry.get('reference')}, now "
                       f"{now.reference_kind}); re-record it with pytest --autobatch --autobatch-update")
     return [float(value) for value in stored], ""
+
+
+def _rates_for(rates: object, samples: list[float]) -> bool:
+    """Whether stored reference ``rates`` are one positive number per throughput sample."""
+    return isinstance(rates, list) and len(rates) == len(samples) and all(map(_positive_number, rates))
 
 
 def _positive_number(value: object) -> bool:
@@ -175,7 +183,7 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
                    f"({raw.change:+.1%} raw")
     stored_reference, why_raw = _stored_reference(entry, now)
     speed = None
-    advice = "Run the gate on a quiet machine"
+    advice = _QUIET
     if stored_reference is None:
         comparison, figures = raw, (f"{raw_figures}, tolerance {tolerance:.0%}, Mann-Whitney p={raw.p_value:.2g}, "
                                     f"{raw.baseline.count} vs {raw.current.count} samples; judged on raw "
@@ -199,7 +207,7 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
     if unsteady:
         finding = Finding(
             "inconclusive", f"{who}: throughput inconclusive: {'; '.join(unsteady)}. Measured {figures}. "
-            f"{advice}, or choose --autobatch-inconclusive=retry or fail", False)
+            f"{advice}, or {_CHOOSE_POLICY}", False)
     elif comparison.verdict == "regression":
         finding = Finding(
             "throughput_regression", f"{who}: throughput regression: {figures}", True,
@@ -230,10 +238,8 @@ def _part_comparisons(entry: dict[str, Any], now: Remeasurement, tolerance: floa
     """The model relative to each part of the reference, when both runs timed the same parts
     (older baselines, and corrupt parts, leave the whole reference to judge by)."""
     stored = entry.get("reference_parts")
-    count = len(entry["throughput_samples"])
     if (not isinstance(stored, dict) or not stored or set(stored) != set(now.reference_parts)
-            or not all(isinstance(rates, list) and len(rates) == count and all(map(_positive_number, rates))
-                       for rates in stored.values())):
+            or not all(_rates_for(rates, entry["throughput_samples"]) for rates in stored.values())):
         return {}
     comparisons = {}
     for part, rates in sorted(stored.items()):
@@ -365,15 +371,12 @@ def confirmed(first: Verdict, second: Verdict) -> Verdict:
                             f.failed, f.next_step) if f.kind == "throughput_regression" else f
                     for f in second.findings]
         return replace(second, findings=findings)
-    regression = next(finding for finding in first.findings if finding.kind == "throughput_regression")
-    who = regression.message.split(": throughput regression:")[0]
     kept = [finding for finding in second.findings if finding.kind not in ("inconclusive", "improvement", "noisy")]
     disagree = Finding(
-        "inconclusive", f"{who}: throughput inconclusive: a first measurement read a regression "
+        "inconclusive", f"{second.who}: throughput inconclusive: a first measurement read a regression "
         f"({first.change:+.1%}), a second taken right after it did not ({_signed(second.change)}), so the "
-        "machine's speed moved between them", False,
-        "Run the gate on a quiet machine, or choose --autobatch-inconclusive=retry or fail")
-    return Verdict(kept + [disagree], second.change, second.raw_change, second.machine_speed)
+        "machine's speed moved between them", False, f"{_QUIET}, or {_CHOOSE_POLICY}")
+    return replace(second, findings=kept + [disagree])
 
 
 def _signed(change: float | None) -> str:
@@ -384,4 +387,4 @@ def inconclusive_as_failure(verdict: Verdict) -> Verdict:
     """--autobatch-inconclusive=fail: an inconclusive throughput verdict fails the test."""
     findings = [Finding(f.kind, f.message, True, f.next_step) if f.kind == "inconclusive" else f
                 for f in verdict.findings]
-    return Verdict(findings, verdict.change, verdict.raw_change, verdict.machine_speed)
+    return replace(verdict, findings=findings)
