@@ -157,7 +157,9 @@ def test_the_gate_fails_every_rank_when_one_rank_no_longer_fits_the_stored_batch
     gated = session_on_every_rank(tmp_path, 2, capacities=[None, squeezed])
     for result, _ in gated:
         assert result.status == "cached" and result.failed
-        assert [finding.kind for finding in result.findings if finding.failed] == ["oom"]
+        [oom] = [finding for finding in result.findings if finding.failed]
+        assert oom.kind == "oom"
+        assert f"out of memory on rank 1 at the stored maximum batch {recorded.max_batch} " in oom.message
 
 
 def test_a_changed_world_size_records_a_new_entry_instead_of_failing(tmp_path):
@@ -168,11 +170,11 @@ def test_a_changed_world_size_records_a_new_entry_instead_of_failing(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world2-sim-h100", "world3-sim-h100"]
 
 
-def test_a_wrapped_model_is_refused_before_any_probe():
-    class DistributedDataParallel:
+def test_an_fsdp_model_is_refused_before_any_probe_saying_what_to_search_instead():
+    class FullyShardedDataParallel:
         pass
 
     outcomes = on_every_rank([SimulatedDevice("h100")] * 2,
-                             lambda device: device.workload(DistributedDataParallel()))
-    assert all("not a DistributedDataParallel" in str(outcome) and "ddp.module" in str(outcome)
-               for outcome in outcomes)
+                             lambda device: device.workload(FullyShardedDataParallel()))
+    assert all("cannot search a FullyShardedDataParallel" in str(outcome)
+               and "Search the plain module" in str(outcome) for outcome in outcomes)
