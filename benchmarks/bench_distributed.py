@@ -3,7 +3,9 @@ collectives cost per probe, on the CPU (gloo).
 
 Independent: each rank searches alone (what accelerate's per-rank retry loop amounts to), then
 the job takes the smallest maximum with one all_reduce; agreed: ``devices.agreement`` over
-``devices.distributed``. Per rank: memory budget, maximum and optimal batch, probes, OOMs and
+``devices.distributed``; agreed, DDP: the same model wrapped in DistributedDataParallel, probed
+under ``no_sync()`` and verified by synchronised steps at the maximum (counted as probes; the two
+warm-up steps at the smallest batch are not). Per rank: memory budget, maximum and optimal batch, probes, OOMs and
 seconds. Then the exchange alone, timed over many steps: the store-side arrival with its timeout
 and the all_gather of the outcomes, against the time of one probe.
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from pytest_autobatch.devices.agreement import AgreedWorkload
 from pytest_autobatch.devices.distributed import TorchExchange
@@ -92,9 +95,15 @@ def independent(device: CpuDevice) -> dict[str, Any]:
     return found
 
 
-def agreed(device: CpuDevice, exchange: TorchExchange) -> dict[str, Any]:
-    workload = AgreedWorkload(exchange, lambda: device.workload(make_model(), example(), mode="train",
-                                                                timing=TIMING))
+def agreed(device: CpuDevice, exchange: TorchExchange, *, ddp: bool = False) -> dict[str, Any]:
+    """The agreed search; with ``ddp`` the model is wrapped in DistributedDataParallel, and the
+    synchronised steps that verify the maximum count as probes (their OOMs as OOMs)."""
+    def build() -> Any:
+        model = make_model()
+        return device.workload(DistributedDataParallel(model) if ddp else model, example(), mode="train",
+                               timing=TIMING)
+
+    workload = AgreedWorkload(exchange, build)
     try:
         capacity = min(exchange.gather("capacity", device.capacity_bytes()))
         found = search(device, workload, capacity)
@@ -102,6 +111,9 @@ def agreed(device: CpuDevice, exchange: TorchExchange) -> dict[str, Any]:
         workload.close()
     found["job_max"] = found["max"]
     found["limited_by"] = workload.limited_by()
+    found["synchronised_step"] = workload.synchronised_step()
+    found["probes"] += len(workload.synchronised_peaks_by_rank) + len(workload.synchronised_oom_ranks)
+    found["ooms"] += len(workload.synchronised_oom_ranks)
     return found
 
 
@@ -130,7 +142,8 @@ def main() -> None:
         raise SystemExit(f"give one budget per rank ({world}), got {sys.argv[1]}")
     device = CpuDevice(budgets[rank])
     warm_up(device)
-    rows = {"independent": independent(device), "agreed": agreed(device, exchange)}
+    rows = {"independent": independent(device), "agreed": agreed(device, exchange),
+            "agreed, DDP": agreed(device, exchange, ddp=True)}
     cost = exchange_cost(exchange)
     everything = exchange.gather("report", (rows, cost))
     if rank != 0:
@@ -138,7 +151,7 @@ def main() -> None:
     print(f"## {world} ranks (gloo, CPU), budgets {', '.join(map(format_bytes, budgets))}, MLP training step\n")
     print("| search | rank | budget | max | optimal | job's max | probes | OOMs | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for approach in ("independent", "agreed"):
+    for approach in rows:
         for other, (other_rows, _) in enumerate(everything):
             row = other_rows[approach]
             print(f"| {approach} | {other} | {format_bytes(budgets[other])} | {row['max']} | {row['optimal']} | "
@@ -147,7 +160,11 @@ def main() -> None:
         print(f"| {approach}: job | all | | | | | "
               f"{sum(other_rows[approach]['probes'] for other_rows, _ in everything)} | "
               f"{sum(other_rows[approach]['ooms'] for other_rows, _ in everything)} | {job_seconds:.2f} |")
-    print(f"\nagreed maximum limited by rank(s) {everything[0][0]['agreed']['limited_by']}\n")
+    print(f"\nagreed maximum limited by rank(s) {everything[0][0]['agreed']['limited_by']}")
+    step = everything[0][0]["agreed, DDP"]["synchronised_step"]
+    print(f"DDP: the synchronised step fits at batch {step['batch']} (peak {format_bytes(step['peak_bytes'])}, "
+          f"by rank {', '.join(map(format_bytes, step['peak_bytes_by_rank']))}), stepped down from "
+          f"{step['stepped_down_from']}; out of memory at {step['oom_ranks']} (batch: ranks)\n")
     print("| rank | exchange per step, median (us) | p90 (us) | all_gather alone (us) | median probe (ms) | "
           "exchange / probe |")
     print("|---|---|---|---|---|---|")

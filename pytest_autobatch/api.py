@@ -96,6 +96,9 @@ class AgreedBatch:
 
     ``limited_by``: the ranks that ran out of memory just above ``max_batch`` (None: the cap was
     reached); ``probes``/``ooms``: memory probes made, and how many ran out of memory.
+    ``synchronised_step``: for a model wrapped in DDP, the one synchronised training step verified
+    at ``max_batch`` (``batch``, ``peak_bytes``, ``peak_bytes_by_rank``; ``stepped_down_from``: the
+    larger batch whose synchronised step ran out of memory, on the ranks in ``oom_ranks``).
     """
 
     optimal_batch: int
@@ -105,6 +108,7 @@ class AgreedBatch:
     limited_by: list[int] | None
     probes: int
     ooms: int
+    synchronised_step: dict[str, Any] | None = None
 
 
 def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", device: str = "auto",
@@ -115,8 +119,9 @@ def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", 
 
     Every rank probes the same batches and ends with the same answer: the largest per-rank batch
     that fits on every rank, and the optimal one by the job's throughput. ``model`` is the rank's
-    plain module (not yet wrapped in DDP/FSDP), ``example_input`` and ``options`` as for the
-    ``optimal_batch`` fixture. The process group is the caller's, or started from torchrun's
+    plain module, or the module wrapped in ``DistributedDataParallel`` (its synchronised step is
+    then verified), not FSDP; ``example_input`` and ``options`` as for the ``optimal_batch``
+    fixture. The process group is the caller's, or started from torchrun's
     environment; ``timeout_s`` bounds each wait for the other ranks. Nothing is stored: record
     baselines with ``torchrun -m pytest --autobatch``.
     """
@@ -137,4 +142,5 @@ def agreed_batch(model: Any, example_input: Any = None, *, mode: str = "train", 
         workload.close()
     return AgreedBatch(optimal.optimal_batch, optimal.max_batch or maximum.max_batch,
                        median(optimal.measurements[optimal.optimal_batch]), job.world_size,
-                       workload.limited_by(), len(maximum.probes), maximum.ooms + len(optimal.oom_batches))
+                       workload.limited_by(), len(maximum.probes), maximum.ooms + len(optimal.oom_batches),
+                       workload.synchronised_step())

@@ -97,7 +97,7 @@ def check_entry(entry: dict[str, Any], now: Remeasurement, *, hardware: str,
     if not 0 <= memory_tolerance < 10:
         raise ConfigError(f"memory tolerance must be a fraction such as 0.1, got {memory_tolerance!r}")
     who = f"{entry.get('model', '?')} on {hardware}"
-    findings = _oom_findings(entry, now.oom_batches, who)
+    findings = _oom_findings(entry, now.oom_batches, who, now.oom_ranks)
     throughput = Verdict([])
     if now.throughput_samples:
         throughput = _throughput_verdict(entry, now, who, tolerance)
@@ -112,7 +112,10 @@ def check_entry(entry: dict[str, Any], now: Remeasurement, *, hardware: str,
     return Verdict(findings, throughput.change, throughput.raw_change, throughput.machine_speed, who)
 
 
-def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str) -> list[Finding]:
+def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str,
+                  oom_ranks: dict[int, list[int]]) -> list[Finding]:
+    """A failed finding per stored batch that ran out of memory, naming the ranks of a distributed
+    job where it did."""
     recorded_peaks = {entry["max_batch"]: ("maximum", entry.get("max_batch_peak_memory_bytes")),
                       entry["optimal_batch"]: ("optimal", entry.get("peak_memory_bytes"))}
     findings = []
@@ -120,8 +123,11 @@ def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str) -> li
         which, recorded = recorded_peaks.get(batch, (None, None))
         where = f"the stored {which} batch {batch} (recorded peak {format_bytes(recorded)})" if which \
             else f"batch {batch}"
-        findings.append(Finding("oom", f"{who}: out of memory at {where}; the model now needs more "
-                                "memory or the device has less free", True, _MEMORY_NEXT_STEP))
+        ranks = oom_ranks.get(batch)
+        on = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+        findings.append(Finding("oom", f"{who}: out of memory{on} at {where}; the model now needs more "
+                                f"memory or the device{'s' if ranks else ''} {'have' if ranks else 'has'} "
+                                "less free", True, _MEMORY_NEXT_STEP))
     return findings
 
 

@@ -50,6 +50,11 @@ def parse_size(text: str) -> int:
     return parse(text)
 
 
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """One memory budget for every rank, or a comma-separated list giving rank i the i-th."""
+    return tuple(parse_size(part.strip()) for part in text.split(","))
+
+
 def parse_seconds(text: str) -> float:
     """A positive number of seconds."""
     from .errors import ConfigError
@@ -91,8 +96,9 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
      "peak-memory growth at the stored optimal batch that fails the gate (default 10%%)"),
     ("--autobatch-strict", "autobatch_strict", None, False,
      "fail a benchmark test whose baseline is missing instead of recording it"),
-    ("--autobatch-memory-budget", "autobatch_memory_budget", parse_size, None,
-     "memory the cpu device may use, e.g. 8GiB (default: a share of RAM)"),
+    ("--autobatch-memory-budget", "autobatch_memory_budget", parse_budgets, None,
+     "memory the cpu device may use, e.g. 8GiB (default: a share of RAM); under torchrun one per "
+     "rank, e.g. 8GiB,3GiB gives rank 1 3GiB"),
     ("--autobatch-inconclusive", "autobatch_inconclusive", parse_inconclusive, "warn",
      "when the machine is too busy to judge throughput: warn (default; the verdict is shown, the "
      "test passes), retry (measure again after a pause, then warn) or fail"),
@@ -103,7 +109,7 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, str], ...] = (
      "stops with an error naming the silent rank (default 300)"),
 )
 
-_METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_size: "SIZE",
+_METAVARS = {parse_device: "DEVICE", str: "DIR", parse_fraction: "TOLERANCE", parse_budgets: "SIZE[,SIZE...]",
              parse_inconclusive: "{warn,retry,fail}", parse_seconds: "SECONDS"}
 
 
@@ -144,7 +150,9 @@ def settings(config: pytest.Config) -> Settings | None:
         return None
     from .devices.agreement import DEFAULT_RANK_TIMEOUT_S, launched_distributed
     from .session import Settings
-    _check_memory_budget(values["autobatch_memory_budget"])
+    distributed = launched_distributed()
+    rank = int(os.environ.get("RANK", 0))
+    budget = _rank_budget(values["autobatch_memory_budget"], distributed, rank)
     folder = Path(values["autobatch_baselines"])
     if config.getoption("autobatch_baselines") is not None:
         base = config.invocation_params.dir
@@ -154,16 +162,28 @@ def settings(config: pytest.Config) -> Settings | None:
                     update=values["autobatch_update"], strict=values["autobatch_strict"],
                     tolerance=values["autobatch_tolerance"],
                     memory_tolerance=values["autobatch_memory_tolerance"],
-                    memory_budget=values["autobatch_memory_budget"],
-                    inconclusive=values["autobatch_inconclusive"],
-                    distributed=launched_distributed(), rank=int(os.environ.get("RANK", 0)),
+                    memory_budget=budget, inconclusive=values["autobatch_inconclusive"],
+                    distributed=distributed, rank=rank,
                     rank_timeout_s=values["autobatch_rank_timeout"] or DEFAULT_RANK_TIMEOUT_S)
 
 
-def _check_memory_budget(budget: int | None) -> None:
+def _rank_budget(budgets: tuple[int, ...] | None, distributed: bool, rank: int) -> int | None:
+    """This rank's budget: the only one given, or the rank's own from a list with one per rank."""
+    if budgets is None:
+        return None
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    if len(budgets) > 1 and len(budgets) != world_size:
+        where = f"this torchrun job has {world_size} ranks" if distributed else "this is not a torchrun job"
+        raise pytest.UsageError(
+            f"--autobatch-memory-budget lists {len(budgets)} budgets, but {where}: give one budget for "
+            f"every rank, or one list entry per rank (rank i gets the i-th) under torchrun --nproc-per-node=N")
+    for budget in budgets:
+        _check_memory_budget(budget)
+    return budgets[rank] if len(budgets) > 1 else budgets[0]
+
+
+def _check_memory_budget(budget: int) -> None:
     """A budget beyond the machine's memory is a typo: refused at start-up, naming both."""
-    if budget is None:
-        return
     from .devices.hardware import physical_memory_bytes
     from .units import format_bytes
     memory = physical_memory_bytes()

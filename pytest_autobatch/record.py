@@ -192,9 +192,22 @@ def search_batches(workload: Workload, capacity: int | None, *, cap: int, max_la
     start = None if predicted is None else max(smallest, predicted)
     max_result = find_max_batch(probe or workload.probe, cap=cap, capacity_bytes=capacity, start=start,
                                 min_batch=smallest, predict=predict)
+    synchronised_probe = getattr(workload, "synchronised_probe", None)
+    if synchronised_probe is not None:
+        max_result = _synchronised_max(synchronised_probe, max_result, capacity, smallest)
     optimal = find_optimal_batch(measure or workload.measure, max_batch=max_result.max_batch,
                                  band=band, max_latency_s=max_latency_s, min_batch=smallest)
     return max_result, optimal
+
+
+def _synchronised_max(probe: Callable[[int], int], found: MaxBatchResult, capacity: int | None,
+                      smallest: int) -> MaxBatchResult:
+    """The largest batch up to ``found``'s whose synchronised step (a DDP step with its gradient
+    all-reduce, on every rank) fits: ``found``'s when it does, else searched down from it."""
+    verified = find_max_batch(probe, cap=found.max_batch, capacity_bytes=capacity, start=found.max_batch,
+                              min_batch=smallest)
+    return MaxBatchResult(verified.max_batch, found.probes + verified.probes, found.ooms + verified.ooms,
+                          found.capacity_bytes)
 
 
 def record_entry(device: Device, workload: Workload, *, model: str, cap: int | None = None,
@@ -278,6 +291,8 @@ class Remeasurement:
     reference_kind: dict[str, Any] = field(default_factory=dict)
     unsteady: list[str] = field(default_factory=list)
     reference_parts: dict[str, list[float]] = field(default_factory=dict)
+    #: the ranks of a distributed job that ran out of memory, by batch
+    oom_ranks: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float | None:
@@ -304,12 +319,16 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     label = f"{entry.get('model', '?')} on {device.name}"
     optimal, maximum = entry["optimal_batch"], entry["max_batch"]
     oom_batches: list[int] = []
+    oom_ranks: dict[int, list[int]] = {}
 
     def unless_oom(action: Callable[[], _Result], batch: int) -> _Result | None:
         with catch_oom() as caught:
             return action()
         if batch not in oom_batches:
             oom_batches.append(batch)
+        ranks = getattr(caught.error, "ranks", None)
+        if ranks is not None:
+            oom_ranks[batch] = ranks
         del caught
         return None
 
@@ -325,4 +344,4 @@ def remeasure(device: Device, workload: Workload, entry: dict[str, Any], *,
     return Remeasurement(throughput_samples=gate.model, batch1_throughput_samples=batch1_samples,
                          peak_memory_bytes=peak, oom_batches=oom_batches, fingerprint=workload.fingerprint(),
                          reference_samples=gate.reference, reference_kind=gate.reference_kind,
-                         unsteady=gate.unsteady, reference_parts=gate.reference_parts)
+                         unsteady=gate.unsteady, reference_parts=gate.reference_parts, oom_ranks=oom_ranks)

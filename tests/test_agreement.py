@@ -13,6 +13,7 @@ from pytest_autobatch.devices.agreement import (
 )
 from pytest_autobatch.devices.hardware import distributed_key
 from pytest_autobatch.devices.simulated import SimulatedDevice, model_for_max_batch
+from pytest_autobatch.errors import OutOfMemory
 from pytest_autobatch.record import record_entry
 from pytest_autobatch.search import find_max_batch
 from pytest_autobatch.session import AutobatchSession, Settings
@@ -89,6 +90,59 @@ def test_the_agreed_maximum_is_the_smallest_ranks_exact_maximum_and_names_that_r
     assert results[0][0]["throughput"] == pytest.approx(3 * one_rank, rel=0.15)
 
 
+class DdpLike(SimulatedDevice):
+    """A device whose workloads' synchronised step (DDP's) needs ``extra`` bytes more than a probe."""
+
+    extra = 2 * GIB
+
+    def workload(self, model, *args, **options):
+        inner = super().workload(model, *args, **options)
+        device = self
+
+        class Synchronised:
+            synchronises_gradients = True
+            resets = 0
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def probe_synchronised(self, batch):
+                needed = inner.needed_bytes(batch) + device.extra
+                if needed > device.capacity_bytes():
+                    raise OutOfMemory(f"batch {batch} needs {needed} B", batch=batch, needed_bytes=needed,
+                                      available_bytes=device.capacity_bytes(), limit="device")
+                return needed
+
+            def reset_synchronisation(self):
+                Synchronised.resets += 1
+
+        return Synchronised()
+
+
+def test_a_ddp_step_that_does_not_fit_at_the_maximum_steps_down_on_every_rank_to_where_it_fits(tmp_path):
+    small = 60 * GIB
+    devices = [DdpLike("h100", seed=rank, capacity_bytes=small if rank == 1 else None) for rank in range(2)]
+
+    def search(device):
+        workload = device.workload(MODEL)
+        entry = record_entry(device, workload, model="net", steady_pause_s=0.0)
+        return entry, workload.inner.resets
+
+    results = on_every_rank(devices, search)
+    needed = SimulatedDevice("h100").workload(MODEL).needed_bytes
+    probed_max = max(batch for batch in range(1, 8192) if needed(batch) <= small)
+    synchronised_max = max(batch for batch in range(1, 8192) if needed(batch) + DdpLike.extra <= small)
+    assert synchronised_max < probed_max
+    for entry, resets in results:
+        step = entry["extras"]["ranks"]["synchronised_step"]
+        assert entry["max_batch"] == step["batch"] == synchronised_max
+        assert entry["optimal_batch"] <= synchronised_max
+        assert step["stepped_down_from"] == probed_max
+        assert step["oom_ranks"][str(synchronised_max + 1)] == [1]
+        assert step["peak_bytes"] == needed(synchronised_max) + DdpLike.extra
+        assert resets == len(step["oom_ranks"])   # every rank reset DDP after each agreed OOM
+
+
 def test_an_oom_on_one_rank_is_an_oom_on_every_rank():
     devices = [SimulatedDevice("h100"), SimulatedDevice("h100", capacity_bytes=20 * GIB)]
     outcomes = on_every_rank(devices, lambda device: device.workload(MODEL).probe(600))
@@ -157,7 +211,9 @@ def test_the_gate_fails_every_rank_when_one_rank_no_longer_fits_the_stored_batch
     gated = session_on_every_rank(tmp_path, 2, capacities=[None, squeezed])
     for result, _ in gated:
         assert result.status == "cached" and result.failed
-        assert [finding.kind for finding in result.findings if finding.failed] == ["oom"]
+        [oom] = [finding for finding in result.findings if finding.failed]
+        assert oom.kind == "oom"
+        assert f"out of memory on rank 1 at the stored maximum batch {recorded.max_batch} " in oom.message
 
 
 def test_a_changed_world_size_records_a_new_entry_instead_of_failing(tmp_path):
@@ -168,11 +224,11 @@ def test_a_changed_world_size_records_a_new_entry_instead_of_failing(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world2-sim-h100", "world3-sim-h100"]
 
 
-def test_a_wrapped_model_is_refused_before_any_probe():
-    class DistributedDataParallel:
+def test_an_fsdp_model_is_refused_before_any_probe_saying_what_to_search_instead():
+    class FullyShardedDataParallel:
         pass
 
     outcomes = on_every_rank([SimulatedDevice("h100")] * 2,
-                             lambda device: device.workload(DistributedDataParallel()))
-    assert all("not a DistributedDataParallel" in str(outcome) and "ddp.module" in str(outcome)
-               for outcome in outcomes)
+                             lambda device: device.workload(FullyShardedDataParallel()))
+    assert all("cannot search a FullyShardedDataParallel" in str(outcome)
+               and "Search the plain module" in str(outcome) for outcome in outcomes)

@@ -51,6 +51,10 @@ from pytest_autobatch import agreed_batch
 FAST = {FAST!r}
 rank = int(os.environ["RANK"])
 budgets, trouble_rank, trouble, timeout_s = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+model = make_model()
+if sys.argv[5:] == ["ddp"]:
+    torch.distributed.init_process_group("gloo")
+    model = torch.nn.parallel.DistributedDataParallel(model)
 
 
 def loss(output, inputs):
@@ -60,11 +64,14 @@ def loss(output, inputs):
             raise ValueError(f"rank {{rank}} cannot take batch {{inputs.shape[0]}}")
         if trouble == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if trouble == "hang":
+            print(f"HANGING rank {{rank}} at {{time.time()}}", flush=True)
+            time.sleep(3600)
     return output.sum()
 
 
 try:
-    result = agreed_batch(make_model(), torch.rand(1, 64), mode="train", device="cpu",
+    result = agreed_batch(model, torch.rand(1, 64), mode="train", device="cpu",
                           memory_budget=int(budgets.split(",")[rank]), loss_fn=loss, timing=FAST,
                           timeout_s=timeout_s)
 except Exception as error:
@@ -73,7 +80,8 @@ except Exception as error:
         time.sleep(5)   # torchrun stops the job when a rank exits: let the failing rank report first
     sys.exit(1)
 print("AGREED " + json.dumps({{"rank": rank, "optimal": result.optimal_batch, "max": result.max_batch,
-                              "limited_by": result.limited_by, "world_size": result.world_size}}), flush=True)
+                              "limited_by": result.limited_by, "world_size": result.world_size,
+                              "synchronised_step": result.synchronised_step}}), flush=True)
 '''
 
 
@@ -115,15 +123,23 @@ def test_without_a_process_group_or_torchrun_the_search_says_how_to_start_one(mo
         agreed_batch(torch.nn.Linear(2, 2), torch.rand(1, 2), device="cpu")
 
 
-def test_two_ranks_agree_on_the_smaller_ranks_exact_maximum(tmp_path):
+def test_two_ddp_ranks_agree_on_the_smaller_ranks_maximum_verified_by_a_synchronised_step(tmp_path):
+    """Probes skip DDP's all-reduce and find the smaller rank's exact maximum; the synchronised step
+    there holds more (on the CPU count, a bucket-sized copy), runs out of memory on rank 1 alone, and
+    every rank steps down together to the largest batch whose synchronised step fits."""
     budgets = (8_000_000, 3_000_000)
-    run, _ = torchrun(tmp_path, 2, ",".join(map(str, budgets)), -1, "none", 60)
+    run, _ = torchrun(tmp_path, 2, ",".join(map(str, budgets)), -1, "none", 60, "ddp")
     assert run.returncode == 0, run.stdout + run.stderr
     results = sorted((json.loads(line) for line in lines(run.stdout, "AGREED ")), key=lambda r: r["rank"])
     assert [result["rank"] for result in results] == [0, 1]
     assert results[0] | {"rank": 1} == results[1]   # the same answer on every rank
-    assert results[0]["max"] == single_process_max_batch(budgets[1])
     assert results[0]["limited_by"] == [1] and results[0]["world_size"] == 2
+    step = results[0]["synchronised_step"]
+    assert step["stepped_down_from"] == single_process_max_batch(budgets[1])
+    assert results[0]["max"] == step["batch"] < step["stepped_down_from"]
+    assert step["oom_ranks"][str(step["batch"] + 1)] == [1]   # the exact largest that fits
+    assert all(ranks == [1] for ranks in step["oom_ranks"].values())
+    assert step["peak_bytes"] == max(step["peak_bytes_by_rank"]) <= budgets[1]
 
 
 def test_a_rank_that_raises_stops_all_three_with_its_error(tmp_path):
@@ -161,6 +177,22 @@ def test_a_killed_rank_is_named_by_the_others_within_the_timeout(tmp_path):
     assert f"within {timeout_s} s (seen from rank 0)" in stopped
 
 
+def test_a_hung_rank_under_torchrun_is_named_and_the_job_ends(tmp_path):
+    """Rank 1 sleeps mid-search; rank 0 names it within the timeout and exits with an error, and
+    torchrun's agent then stops the sleeping rank: the job ends (it does not wait for the sleep)."""
+    run, _ = torchrun(tmp_path, 2, "8000000,8000000", 1, "hang", SLOW_START_S)
+    ended = time.time()
+    assert run.returncode != 0
+    [hanging] = lines(run.stdout, "HANGING rank ")
+    rank, _, began = hanging.split()
+    assert rank == "1"
+    [stopped] = lines(run.stdout, "STOPPED rank 0 ")
+    assert stopped.startswith("RankSilent: rank 1 did not reach the batch search's step")
+    assert f"within {SLOW_START_S} s (seen from rank 0)" in stopped
+    assert "STOPPED rank 1" not in run.stdout and "exitcode  : -15" in run.stderr   # SIGTERM from the agent
+    assert ended - float(began) < SLOW_START_S + 60   # the timeout, then the agent's stop: not the hour's sleep
+
+
 PROJECT = MODEL + f'''
 
 def test_mlp(optimal_batch):
@@ -175,10 +207,10 @@ pytest_autobatch.record.STEADY_ATTEMPTS = 1   # two ranks share two busy cores: 
 '''
 
 
-def test_pytest_under_torchrun_records_once_from_rank_zero_then_serves_every_rank(pytester):
+def test_pytest_under_torchrun_with_a_budget_per_rank_records_once_from_rank_zero_then_serves_every_rank(pytester):
     pytester.makepyfile(test_project=PROJECT, conftest=CONFTEST)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pytest",
-            "-p", "no:cacheprovider", "--autobatch", "--autobatch-device=cpu", "--autobatch-memory-budget=3MB",
+            "-p", "no:cacheprovider", "--autobatch", "--autobatch-device=cpu", "--autobatch-memory-budget=8MB,3MB",
             "--autobatch-tolerance=99%", "--autobatch-rank-timeout=60", "-s", "-q"]
 
     def run():

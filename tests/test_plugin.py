@@ -187,6 +187,7 @@ def test_ini_options_configure_the_run(project):
     (("--autobatch-memory-tolerance=150%",), "*'150%' is not a tolerance*"),
     (("--autobatch-device=tpu",), "*argument --autobatch-device: unknown device 'tpu'*sim:PROFILE*"),
     (("--autobatch-memory-budget=lots",), "*argument --autobatch-memory-budget*not a size*2GiB*"),
+    (("--autobatch-memory-budget=8MB,",), "*argument --autobatch-memory-budget*not a size*"),
     (("--autobatch-inconclusive=ignore",), "*argument --autobatch-inconclusive: 'ignore' is not a choice: use warn, "
                                            "retry, fail*"),
     (("--autobatch-rank-timeout=0",), "*argument --autobatch-rank-timeout: '0' is not a number of seconds > 0*"),
@@ -406,11 +407,22 @@ def test_old_shared_baseline_file_is_migrated_with_a_message(pytester):
     (("--autobatch-device=sim:h1000",), "*unknown simulated GPU 'sim:h1000': known profiles are sim:*"),
     (("--autobatch", "--autobatch-memory-budget=999999999TiB"),
      "*--autobatch-memory-budget * is more than this machine's memory*pass a budget of at most*"),
+    (("--autobatch", "--autobatch-memory-budget=8MB,3MB"),
+     "*--autobatch-memory-budget lists 2 budgets, but this is not a torchrun job: give one budget for every "
+     "rank, or one list entry per rank*"),
 ])
 def test_options_are_checked_at_start_up(project, args, message):
     result = project.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_a_list_of_budgets_must_have_one_per_rank_of_the_torchrun_job(project, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    result = project.runpytest("--autobatch", "--autobatch-memory-budget=8MB,3MB")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--autobatch-memory-budget lists 2 budgets, but this torchrun job has 3 ranks*"])
 
 
 @pytest.mark.parametrize("content", [b'{"schema": 1, "entries": {"\xff": 1}}',

@@ -7,8 +7,11 @@ the capacity the smallest rank's, throughput is summed over ranks (the job's sam
 unchanged searches in ``search/`` take the same steps on every rank and end with the same answer:
 the largest per-rank batch that fits on every rank, the optimal one by the job's throughput.
 
-A probe runs the rank's own step with no collective inside it, so a rank that runs out of memory
-cannot leave another waiting in a gradient all-reduce; only the small outcome exchange is shared.
+A probe runs the rank's own step with no collective inside it (a DDP model's under ``no_sync()``),
+so a rank that runs out of memory cannot leave another waiting in a gradient all-reduce; only the
+small outcome exchange is shared. A DDP training step is then verified at the maximum found: every
+rank arrives (with the timeout), runs one synchronised step, and the search steps down, agreed,
+while that step runs out of memory on any rank (``synchronised_probe``).
 A rank that raises anything else stops every rank: it re-raises its own error, the others raise
 ``RankFailed`` naming it. How the outcomes travel (and the timeout naming a silent rank) is the
 ``Exchange``'s business: ``distributed.py`` implements it on torch.distributed. No torch here.
@@ -178,6 +181,11 @@ class AgreedWorkload:
         #: peak bytes per rank of every batch that fit on all ranks; the ranks that ran out at the others
         self.peaks_by_rank: dict[int, list[int]] = {}
         self.oom_ranks: dict[int, list[int]] = {}
+        #: the same for synchronised steps (DDP's gradient all-reduce included); None: no DDP training step
+        self._synchronising: Any = self.inner if getattr(self.inner, "synchronises_gradients", False) else None
+        self.synchronised_probe = self._probe_synchronised if self._synchronising is not None else None
+        self.synchronised_peaks_by_rank: dict[int, list[int]] = {}
+        self.synchronised_oom_ranks: dict[int, list[int]] = {}
 
     def _agreed(self, step: str, action: Callable[[], Any]) -> list[Any]:
         return agreed(self.exchange, step, action)[1]
@@ -190,12 +198,28 @@ class AgreedWorkload:
         return None if None in predictions else max(predictions)
 
     def probe(self, batch: int) -> int:
+        return self._probe(f"probing batch {batch}", batch, self.inner.probe, self.peaks_by_rank, self.oom_ranks)
+
+    def _probe_synchronised(self, batch: int) -> int:
+        """One synchronised training step on every rank; every rank has arrived (within the timeout)
+        before any enters DDP's all-reduce, so a silent rank is named instead of waited for."""
+        self.exchange.gather(f"arriving at the synchronised step at batch {batch}", None)
         try:
-            peaks = self._agreed(f"probing batch {batch}", lambda: self.inner.probe(batch))
-        except RanksOutOfMemory as error:
-            self.oom_ranks[batch] = error.ranks
+            return self._probe(f"running a synchronised step at batch {batch}", batch,
+                               self._synchronising.probe_synchronised, self.synchronised_peaks_by_rank,
+                               self.synchronised_oom_ranks)
+        except RanksOutOfMemory:
+            self._synchronising.reset_synchronisation()
             raise
-        self.peaks_by_rank[batch] = peaks
+
+    def _probe(self, step: str, batch: int, probe: Callable[[int], int], peaks_by_rank: dict[int, list[int]],
+               oom_ranks: dict[int, list[int]]) -> int:
+        try:
+            peaks = self._agreed(step, lambda: probe(batch))
+        except RanksOutOfMemory as error:
+            oom_ranks[batch] = error.ranks
+            raise
+        peaks_by_rank[batch] = peaks
         return max(peaks)
 
     def measure(self, batch: int) -> list[float]:
@@ -222,14 +246,27 @@ class AgreedWorkload:
         ranks = {"world_size": self.exchange.world_size, "backend": self.exchange.backend,
                  "peak_bytes_by_rank": self.peaks_by_rank.get(batch), "limited_by": self.limited_by(),
                  "oom_ranks": {str(b): ranks for b, ranks in sorted(self.oom_ranks.items())}}
+        if self.synchronised_probe is not None:
+            ranks["synchronised_step"] = self.synchronised_step()
         return {**first, "ranks": ranks}
+
+    def synchronised_step(self) -> dict[str, Any] | None:
+        """The verified synchronised step: its batch (the largest that fit), every rank's peak there,
+        the batch it stepped down from and the ranks that ran out of memory (None: never run)."""
+        if not self.synchronised_peaks_by_rank and not self.synchronised_oom_ranks:
+            return None
+        batch = max(self.synchronised_peaks_by_rank, default=None)
+        peaks = self.synchronised_peaks_by_rank.get(batch) if batch is not None else None
+        return {"batch": batch, "peak_bytes": max(peaks) if peaks else None, "peak_bytes_by_rank": peaks,
+                "stepped_down_from": max(self.synchronised_oom_ranks, default=None),
+                "oom_ranks": {str(b): ranks for b, ranks in sorted(self.synchronised_oom_ranks.items())}}
 
     def close(self) -> None:
         self.inner.close()
 
 
-#: Data-parallel wrappers whose step holds collectives (FSDP2's classes are named FSDP<Module>).
-_PARALLEL_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel")
+#: Sharded wrappers, whose every step gathers parameters with collectives (FSDP2's classes are named FSDP<Module>).
+_SHARDED_WRAPPERS = ("FullyShardedDataParallel",)
 
 
 class AgreedDevice:
@@ -264,11 +301,13 @@ class AgreedDevice:
     def workload(self, model: Any, example_input: Any = None, *, mode: str = "inference",
                  **options: Any) -> AgreedWorkload:
         wrapper = type(model).__name__
-        if wrapper in _PARALLEL_WRAPPERS or wrapper.startswith("FSDP"):
-            raise ConfigError(f"the agreed search takes each rank's plain module, not a {wrapper}: its step "
-                              "runs a gradient all-reduce, and a rank that ran out of memory inside it would "
-                              "leave the others waiting. Search the module before wrapping it (for DDP, "
-                              "ddp.module) and wrap it after")
+        if wrapper in _SHARDED_WRAPPERS or wrapper.startswith("FSDP"):
+            raise ConfigError(f"the agreed search cannot search a {wrapper}: every FSDP step gathers parameters "
+                              "with collectives, even its forward pass, so no probe of it can run without one and "
+                              "a rank that ran out of memory would leave the others waiting (and it is not "
+                              "verified here). Search the plain module (it holds every parameter, gradient and "
+                              "optimizer state that FSDP shards, so its batch is a conservative one for FSDP), or "
+                              "the module wrapped in DistributedDataParallel, then wrap it in FSDP")
         return AgreedWorkload(self.exchange, lambda: self.inner.workload(model, example_input, mode=mode,
                                                                          **options))
 

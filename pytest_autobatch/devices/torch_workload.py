@@ -13,7 +13,9 @@ naming the shapes and the option to pass, never deep inside the search or silent
 
 - ``inference``: a forward pass under ``torch.inference_mode()``.
 - ``train``: gradients zeroed (set to None), forward, ``loss_fn(output, inputs)`` (default: the sum
-  of the floating-point outputs), backward, ``optimizer.step()`` (default: AdamW).
+  of the floating-point outputs), backward, ``optimizer.step()`` (default: AdamW). A model wrapped in
+  ``DistributedDataParallel`` runs it under ``no_sync()`` (no gradient all-reduce), except in
+  ``probe_synchronised``: a rank that runs out of memory in a probe cannot leave another waiting.
 - ``generate``: greedy ``model.generate`` of exactly ``max_new_tokens`` (min = max), since the KV
   cache of a whole generation needs more memory than one forward pass.
 
@@ -32,8 +34,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import ConfigError, NoBatchFits, catch_oom
+from ..errors import ConfigError, NoBatchFits, catch_oom, is_oom_error
 from ..stats import median
 from .base import MODES, PairedSamples, Watch, stable_hash
 from .reference import describe as describe_reference
@@ -247,6 +250,10 @@ class TorchWorkload:
             model.to(self.dtype)
         self.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         self.optimizer = _make_optimizer(options.get("optimizer"), model) if mode == "train" else None
+        #: DDP's gradient all-reduce runs only in ``probe_synchronised``; probes and timing skip it.
+        self.synchronises_gradients = mode == "train" and isinstance(model, DistributedDataParallel)
+        self._synchronise = False
+        self._synchronised_warmups = 0
         self._owns_optimizer = mode == "train" and options.get("optimizer") is None
         self._was_training = model.training
         model.train(mode == "train")
@@ -369,6 +376,13 @@ class TorchWorkload:
             return nullcontext()
         return torch.autocast(self.backend.torch_device.type, dtype=self.autocast_dtype)
 
+    def _gradient_sync(self) -> Any:
+        """DDP's ``no_sync()`` unless this is the synchronised step: without it a training step holds
+        a gradient all-reduce, which a rank that ran out of memory would leave the others waiting in."""
+        if self.synchronises_gradients and not self._synchronise:
+            return self._ddp().no_sync()
+        return nullcontext()
+
     def _pad_token_id(self) -> int:
         config = getattr(self.model, "generation_config", None)
         for token in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
@@ -384,10 +398,11 @@ class TorchWorkload:
             optimizer = optimizer or self.optimizer
             assert optimizer is not None  # a train workload always has one
             optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                output = call_model(self.model, inputs)
-                loss = (self.loss_fn or sum_of_outputs)(output, inputs)
-            loss.backward()
+            with self._gradient_sync():
+                with self._autocast():
+                    output = call_model(self.model, inputs)
+                    loss = (self.loss_fn or sum_of_outputs)(output, inputs)
+                loss.backward()
             optimizer.step()
             return
         with torch.inference_mode(), self._autocast():
@@ -502,6 +517,45 @@ class TorchWorkload:
     def probe(self, batch: int) -> int:
         self.ensure_steady_state()
         return self.backend.probe_peak(self, batch)
+
+    def probe_synchronised(self, batch: int) -> int:
+        """A probe of the full DDP training step, gradient all-reduce included (its buckets in the peak).
+
+        The first call runs two synchronised steps at the smallest batch first: DDP rebuilds its
+        buckets (a collective in the forward pass) on its second synchronised step, and a rank whose
+        step ran out of memory would skip that rebuild while the others wait in it. When the step runs
+        out of memory here, the ranks where it fits are waiting in DDP's all-reduce for this rank's
+        gradients: they get zeros, as DDP's ``join`` gives them for a rank out of inputs, so every
+        rank leaves the step; then every rank calls ``reset_synchronisation`` and the search steps down.
+        """
+        self._synchronise = True
+        try:
+            while self._synchronised_warmups < 2:
+                self.run_batch(self.min_batch)
+                self._synchronised_warmups += 1
+            return self.probe(batch)
+        except Exception as error:
+            if is_oom_error(error):
+                self._match_waiting_all_reduces()
+            raise
+        finally:
+            self._synchronise = False
+
+    def _match_waiting_all_reduces(self) -> None:
+        reducer = self._ddp().reducer
+        for bucket in reducer._get_zeros_like_grad_buckets():
+            reducer._run_comm_hook(bucket).wait()
+        self.backend.release()
+
+    def reset_synchronisation(self) -> None:
+        """After a synchronised step ran out of memory on any rank, on every rank: DDP's reducer is
+        reset (it then rebuilds its buckets), so the next synchronised probe warms it up again."""
+        self._ddp().reducer._reset_state()
+        self._synchronised_warmups = 0
+
+    def _ddp(self) -> Any:
+        """The model, a DistributedDataParallel: untyped, as its reducer is a private C++ object."""
+        return self.model
 
     def measure(self, batch: int) -> list[float]:
         return self._timed(batch, meter=self.backend.energy_meter()).samples
