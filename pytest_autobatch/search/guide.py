@@ -101,7 +101,9 @@ class Guide:
                 self.prediction = None
                 return None
         ceiling = bracket.cap if bracket.high is None else bracket.high - 1
-        aim = prediction.aim(bracket.low, bracket.peaks[bracket.low], bracket.capacity, ceiling)
+        # Peaks come in whole allocator blocks: one fits when the capacity's whole blocks hold it.
+        usable = bracket.capacity - bracket.capacity % self.tuning.memory_granularity_bytes
+        aim = prediction.aim(bracket.low, bracket.peaks[bracket.low], usable, ceiling)
         if aim is None:
             self.prediction = None
             return None
