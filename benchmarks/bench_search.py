@@ -1,14 +1,15 @@
 """Benchmark of the batch-size searches on seeded random simulated scenarios.
 
-    python benchmarks/bench_search.py [--scenarios 300] [--seed 0]
+    python benchmarks/bench_search.py [--scenarios 300] [--seed 0] [--skip-optimal | --optimal-only]
 
-Prints, for the maximum batch: our search (capacity known, without and with a start prediction
-10-30% off; capacity unknown, with OOMs that name the memory available and with bare ones),
-plain doubling then bisection, Lightning's binsearch with its defaults (init 2, 5% margin, cap
-8192 returned untested) and accelerate's find_executable_batch_size (start 1024, x0.9 on OOM).
-Then, for the optimal batch, our search against an exhaustive sweep: the best batch within 2% of
-the sweep's best, and how often the optimal batch is over twice the smallest batch truly within the
-3% band (noise-free throughput). A script, not a pytest module.
+Prints, for the maximum batch: our search (capacity known, without a prediction, with one 10-30%
+off, within 2% and exact; capacity unknown, with OOMs that name the memory available and with bare
+ones), plain doubling then bisection, Lightning's binsearch with its defaults (init 2, 5% margin,
+cap 8192 returned untested) and accelerate's find_executable_batch_size (start 1024, x0.9 on OOM),
+then ours again with each tuned constant of search/tuning.py at its "off" value. Then, for the
+optimal batch, our search against an exhaustive sweep: the best batch within 2% of the sweep's best,
+and how often the optimal batch is over twice the smallest batch truly within the 3% band
+(noise-free throughput). A script, not a pytest module.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ class Guide:
         self.bracket = bracket
         self.tuning = tuning
         self.jumped = False  # the last guided guess was a safe jump, not an aim at the limit
+        self.past_limit: int | None = None  # the last aim, when it lies past the fitted limit
         self.predicted_limit: float | None = None  # from the last fit, however rough
         self.prediction = (Prediction(predict, bracket.min_batch)
                            if predict is not None and tuning.trust_prediction else None)
@@ -36,7 +37,8 @@ class Guide:
 
         Once bracketed, each surprise (an OOM where the model expected a fit, or the reverse) doubles
         how far the next guess must move from the side that surprised, up to bisection: a misled
-        model costs O(log) probes, never a walk one batch at a time.
+        model costs O(log) probes, never a walk one batch at a time. An aim past the fitted limit
+        that ran out of memory is no surprise.
         """
         bracket = self.bracket
         if not bracket.probes:
@@ -44,6 +46,7 @@ class Guide:
         if bracket.low == 0:  # only OOMs so far: the start ran out of memory
             return self.below_failed_start()
         jump_failed = bracket.oom_streak and self.jumped
+        surprises = bracket.oom_streak - (bracket.oom_streak > 0 and bracket.probes[-1].batch == self.past_limit)
         guess = self.predicted_guess()
         trusted = guess is not None
         if guess is None:
@@ -54,9 +57,9 @@ class Guide:
             guess = self.fallback_guess()
         if bracket.high is not None:
             middle = (bracket.low + bracket.high) // 2
-            if bracket.oom_streak and not (trusted and bracket.oom_streak == 1):
+            if surprises and not (trusted and surprises == 1):
                 # A trusted prediction that overshot by a hair aims again from below at once.
-                guess = min(guess, max(bracket.high - 2 ** (bracket.oom_streak - 1), middle))
+                guess = min(guess, max(bracket.high - 2 ** (surprises - 1), middle))
             elif bracket.fit_streak:
                 guess = max(guess, min(bracket.low + 2 ** (bracket.fit_streak - 1), middle))
         return guess
@@ -98,7 +101,9 @@ class Guide:
                 self.prediction = None
                 return None
         ceiling = bracket.cap if bracket.high is None else bracket.high - 1
-        aim = prediction.aim(bracket.low, bracket.peaks[bracket.low], bracket.capacity, ceiling)
+        # Peaks come in whole allocator blocks: one fits when the capacity's whole blocks hold it.
+        usable = bracket.capacity - bracket.capacity % self.tuning.memory_granularity_bytes
+        aim = prediction.aim(bracket.low, bracket.peaks[bracket.low], usable, ceiling)
         if aim is None:
             self.prediction = None
             return None
@@ -124,10 +129,11 @@ class Guide:
         """Close to where the fitted memory reaches capacity, backed off by the fit's possible error.
 
         The more confident of the line and the parabola wins. Within twice the resolution that
-        memory can give, aim at the limit itself; otherwise jump as far as is safe; when nothing is
-        safe, leave it to geometric growth or bisection.
+        memory can give, aim at the limit itself (``aim_offset`` past it, then down to a batch);
+        otherwise jump as far as is safe; when nothing is safe, leave it to geometric growth or bisection.
         """
         self.jumped = False
+        self.past_limit = None
         self.predicted_limit = None
         if self.bracket.capacity is None:
             return None
@@ -141,7 +147,9 @@ class Guide:
         error, limit, resolution = min(candidates)
         self.predicted_limit = limit
         if error <= 2 * resolution:
-            return math.floor(limit)
+            aim = math.floor(limit + self.tuning.aim_offset)
+            self.past_limit = aim if aim > limit else None
+            return aim
         if error < (limit - self.bracket.low) * self.tuning.min_jump_share:
             self.jumped = True
             return math.floor(limit - error)

@@ -36,6 +36,11 @@ class Tuning:
     growth_limit: float = 256.0
     #: A safe jump must cover this share of the distance to the predicted limit; shorter ones creep.
     min_jump_share: float = 0.75
+    #: An aim at the fitted limit L lands on floor(L + this). The maximum T and T + 1 both close
+    #: the search in two probes (T fits and T + 1 runs out of memory, in either order), and the
+    #: true limit lies in [T, T + 1): the aim is centred on the estimate, not its floor (which lands
+    #: on T - 1 whenever the estimate is a fraction low, and then creeps up a batch at a time).
+    aim_offset: float = 0.5
     #: The optimal batch from a model of step time (largest batch and batch 1 first, then where
     #: the model puts the peak and the band crossing), not a sweep of every power of two.
     throughput_model: bool = True
@@ -66,6 +71,7 @@ OFF: dict[str, object] = {
     "curvature_spread": 1,        # fit a parabola through any three peaks
     "growth_share": 0.0,          # plain doubling until the first OOM
     "min_jump_share": 1.0,        # jump only when the fit is good enough to aim
+    "aim_offset": 0.0,            # aim at the floor of the fitted limit
     "throughput_model": False,    # time every power of two up to the maximum, then refine
     "peak_margin": 0.0,           # chase any batch that measured above the largest
     "decide_rounds": 0,           # the best median of one measurement each wins
