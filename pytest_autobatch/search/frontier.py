@@ -5,24 +5,28 @@ sequence). The searches at the points share what they learnt, in three ways:
 
 - **Bounds.** The maximum batch does not grow with length: a point at least as long in both
   coordinates as one already searched takes no larger a batch, a shorter one no smaller.
-- **A memory model in tokens.** Every peak measured at every point is fitted as ``static + b *
-  (per_sample + per_token * T + per_token_squared * T**2) + squared * b**2`` over the batch ``b``
-  and the tokens ``T`` (as many terms as the lengths and peaks measured so far can tell apart);
-  before two lengths are measured, the workload's own predictions (``predict_at``) say how memory
-  per sample scales with length. The model's limit at the next point is probed first, then the
-  batch above it: two probes and one OOM when the model is right. A guess the model cannot vouch
-  for is checked below first, and the first peak at a point pins that point's own memory per
-  sample, so the next guess aims with it.
+- **A memory model in tokens.** Where the workload predicts its peak (``predict_at``), each
+  length's predictions give a parabola in the batch (static memory, memory per sample, and what
+  curves with the batch), and the measured peaks scale its batch-dependent part: at a point, by
+  the ratio measured at its largest fit (and along the chord to an OOM that named its need);
+  before any probe there, by the ratio interpolated between the lengths measured (the larger of
+  the two where they disagree beyond one sample's memory; beyond the lengths measured, never
+  below 1). Without predictions, every peak at every point is fitted as ``static + b *
+  (per_sample + per_token * T + per_token_squared * T**2) + squared * b**2`` (as many terms as
+  the lengths and peaks measured tell apart). The model's limit at the next point is probed
+  first, then the batch above it: two probes and one OOM when the model is right. A guess no
+  measurement backs (the first point's) is checked below first, and the first peak at a point
+  anchors the next guess there.
 - **The order.** The longest point first (the worst case; from ``start`` or the predictions alone,
   or as the caller ``searched`` it), then the shortest, then each time the point farthest in
   tokens from those done, so that the model interpolates rather than extrapolates.
 
 When a few guesses at a point have not closed its bracket, ``find_max_batch`` finishes from there
-(started at the latest prediction, capped below the smallest OOM seen at that point), with the
-probes already made at the point answered again without running. Certification is that of
-``find_max_batch``, at every point: the answer was probed there and fit, and the next batch was
-probed there and ran out of memory (or the answer is the cap). The model and the bounds choose
-where to probe, never the answer. No torch here.
+(started at the largest fit there, else a longer point's maximum or ``start``; capped below the
+smallest OOM seen at that point), with the probes already made at the point answered again
+without running. Certification is that of ``find_max_batch``, at every point: the answer was
+probed there and fit, and the next batch was probed there and ran out of memory (or the answer is
+the cap). The model and the bounds choose where to probe, never the answer. No torch here.
 """
 
 from __future__ import annotations
@@ -320,8 +324,8 @@ def find_frontier(probe_at: ProbeAt, points: Sequence[Point], *, cap: int = 8192
 
     ``probe_at(point)`` returns that point's ``probe(b)`` (peak bytes, or an OOM raised); ``start``
     is a predicted maximum batch at the longest point. ``predict_at(point)``, where the workload
-    predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), tells the model how
-    memory scales between lengths before two have been measured. ``searched`` holds points the
+    predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), gives each length's
+    shape, which the measured peaks scale. ``searched`` holds points the
     caller has already searched (their maximum batch and probes), taken as they are. Raises
     NoBatchFits naming the point when ``min_batch`` does not fit there.
     """
