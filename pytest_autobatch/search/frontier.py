@@ -148,7 +148,7 @@ def predicted_shape(predict: Callable[[int], int | None], capacity: int, cap: in
     rising, later = (half - first) / (middle - min_batch), (last - half) / (far - middle)
     squared = max(0.0, (later - rising) / (far - min_batch))
     linear = rising - squared * (min_batch + middle) if squared else (last - first) / (far - min_batch)
-    if linear + 2 * squared * min_batch <= 0:
+    if linear + squared * min_batch <= 0:   # memory must grow from the smallest batch on
         return None
     return Shape(first - linear * min_batch - squared * min_batch * min_batch, linear, squared)
 
@@ -325,9 +325,9 @@ def find_frontier(probe_at: ProbeAt, points: Sequence[Point], *, cap: int = 8192
     ``probe_at(point)`` returns that point's ``probe(b)`` (peak bytes, or an OOM raised); ``start``
     is a predicted maximum batch at the longest point. ``predict_at(point)``, where the workload
     predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), gives each length's
-    shape, which the measured peaks scale. ``searched`` holds points the
-    caller has already searched (their maximum batch and probes), taken as they are. Raises
-    NoBatchFits naming the point when ``min_batch`` does not fit there.
+    shape, which the measured peaks scale. ``searched`` holds points the caller has already
+    searched (their maximum batch and probes), taken as they are. Raises NoBatchFits naming the
+    point when ``min_batch`` does not fit there.
     """
     if not points:
         raise ConfigError("a frontier needs at least one (prompt_tokens, new_tokens) point")
