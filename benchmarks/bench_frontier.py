@@ -1,15 +1,22 @@
 """Benchmark of the batch-by-length frontier against one independent search per length.
 
-    python benchmarks/bench_frontier.py --sim [--frontiers 200] [--seed 0]
+    python benchmarks/bench_frontier.py --sim [--frontiers 200] [--seed 0] [--prediction-drift 0.3]
     python benchmarks/bench_frontier.py --cpu [--budget-mib 48]
 
 ``--sim``: seeded random frontiers on the simulated GPUs (5 lengths spanning 8x; memory per
 sample split at random into a constant, a per-token and a per-token-squared part; half with
-memory curving with the batch too, half with jitter). ``--cpu``: a Llama-style model from a
-LlamaConfig (random weights) generating 8 tokens after prompts of 16 to 128 tokens, on the CPU
-under a memory budget. Each prints, per length, the frontier's maximum batch, whether an
-independent ``find_max_batch`` at that length agrees (and, on the simulator, the true maximum),
-the probes and OOMs of both, and the totals. A script, not a pytest module.
+memory curving with the batch too, half with jitter; each model's prediction off by one factor
+at every length, or with ``--prediction-drift`` by a factor that moves across the lengths).
+``--cpu``: a Llama-style model from a LlamaConfig (random weights) generating 8 tokens after
+prompts of 16 to 128 tokens, on the CPU under a memory budget. Each prints, per length, the
+frontier's maximum batch, whether an independent ``find_max_batch`` at that length agrees (and,
+on the simulator, the true maximum), the probes and OOMs of both, and the totals. A script, not
+a pytest module.
+
+Measured (every length exact on both): ``--sim`` 11.71 probes per frontier against 28.14 (0.42),
+one OOM at every length (seeds 1-3 with ``--frontiers 500``: 0.42-0.44, one OOM each); with
+``--prediction-drift 0.3`` 14.21 against 28.50 (0.50), 1.06 OOMs per length, 63 of 1000 with two;
+``--cpu`` 14 probes against 17, one OOM per length.
 """
 
 from __future__ import annotations
