@@ -19,7 +19,7 @@ from pytest_autobatch.gate import frontier_oom_findings
 from pytest_autobatch.lengths import check_points, frontier_ooms, record_frontier, token_inputs
 from pytest_autobatch.schema import parse_entry
 from pytest_autobatch.search import find_max_batch
-from pytest_autobatch.search.frontier import find_frontier, frontier_points, search_order
+from pytest_autobatch.search.frontier import find_frontier, frontier_points, predicted_shape, search_order
 
 GiB = 1 << 30
 #: A Llama-like memory: weights, a KV cache per token, attention scores per token squared.
@@ -68,17 +68,64 @@ def test_exact_and_certified_at_every_length(profile, memory_jitter):
         assert [(p.batch, p.fits) for p in found.probes] == probes[point].runs
 
 
-def test_fewer_probes_than_a_search_per_length_and_one_oom_each():
+@pytest.mark.parametrize("curvature_bytes", [0.0, 4e4], ids=["linear", "curving with the batch"])
+def test_under_half_the_probes_of_a_search_per_length_and_one_oom_each(curvature_bytes):
     device = SimulatedDevice("h100")
+    model = dataclasses.replace(LLM, curvature_bytes=curvature_bytes)
     points = frontier_points(PROMPTS)
-    result, _, _ = frontier_on(device, LLM, points, capacity=device.capacity_bytes())
+    result, workloads, _ = frontier_on(device, model, points, capacity=device.capacity_bytes())
     alone = 0
     for point in points:
-        probe = Counted(device.workload(LLM.at_length(sum(point))))
+        probe = Counted(device.workload(model.at_length(sum(point))))
         find_max_batch(probe, capacity_bytes=device.capacity_bytes())
         alone += len(probe.runs)
-    assert result.probes < 0.6 * alone
+    assert [found.max_batch for found in result.points] == [workloads[p].true_max_batch(8192) for p in points]
+    assert result.probes < 0.5 * alone
     assert max(found.ooms for found in result.points) == 1
+
+
+def test_a_correction_that_lowers_memory_is_not_carried_beyond_the_lengths_measured():
+    """The prediction is 20% high at the longest length and right at the shortest: aimed with the
+    longest's correction, the shortest's first probe would run out of memory."""
+    device = SimulatedDevice("h100")
+    long, short = (1024, 0), (128, 0)
+    models = {long: dataclasses.replace(LLM.at_length(1024), prediction_error=0.2),
+              short: dataclasses.replace(LLM.at_length(128), prediction_error=0.0)}
+    workloads = {point: device.workload(model) for point, model in models.items()}
+    probes = {point: Counted(workload) for point, workload in workloads.items()}
+    result = find_frontier(lambda point: probes[point], [long, short], capacity_bytes=device.capacity_bytes(),
+                           predict_at=lambda point: workloads[point].predict_peak_bytes)
+    assert [found.max_batch for found in result.points] == [workloads[long].true_max_batch(8192),
+                                                             workloads[short].true_max_batch(8192)]
+    assert probes[short].runs[0][1] is True and result.points[1].ooms == 1
+
+
+def test_a_prediction_off_by_a_different_factor_at_each_length_is_still_exact():
+    device = SimulatedDevice("a5000")
+    points = frontier_points(PROMPTS, [32])
+    models = {point: dataclasses.replace(LLM.at_length(sum(point)), prediction_error=error, memory_jitter=0.5)
+              for point, error in zip(points, [-0.3, 0.25, -0.1, 0.3, 0.0])}
+    workloads = {point: device.workload(model) for point, model in models.items()}
+    probes = {point: Counted(workload) for point, workload in workloads.items()}
+    result = find_frontier(lambda point: probes[point], points, capacity_bytes=device.capacity_bytes(),
+                           predict_at=lambda point: workloads[point].predict_peak_bytes)
+    for found, point in zip(result.points, points):
+        assert found.max_batch == workloads[point].true_max_batch(8192)
+        runs = dict(probes[point].runs)
+        assert runs[found.max_batch] is True and runs[found.max_batch + 1] is False
+
+
+def test_each_length_is_predicted_as_a_parabola_through_three_predictions():
+    def quadratic(batch):
+        return 1000 + 30 * batch + 2 * batch * batch
+
+    shape = predicted_shape(quadratic, capacity=100_000, cap=8192, min_batch=1)
+    assert (shape.static, shape.linear, shape.squared) == pytest.approx((1000, 30, 2))
+    assert shape.largest_within(99_000) == max(b for b in range(1, 500) if quadratic(b) - 1000 <= 99_000)
+    bending_down = predicted_shape(lambda batch: 1000 + int(100 * batch ** 0.9), 100_000, 8192, 1)
+    assert bending_down is not None and bending_down.squared == 0 and bending_down.linear > 0
+    assert predicted_shape(lambda batch: 1000, 100_000, 8192, 1) is None
+    assert predicted_shape(lambda batch: None, 100_000, 8192, 1) is None
 
 
 def test_exact_without_capacity_or_predictions():

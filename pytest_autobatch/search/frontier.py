@@ -5,24 +5,28 @@ sequence). The searches at the points share what they learnt, in three ways:
 
 - **Bounds.** The maximum batch does not grow with length: a point at least as long in both
   coordinates as one already searched takes no larger a batch, a shorter one no smaller.
-- **A memory model in tokens.** Every peak measured at every point is fitted as ``static + b *
-  (per_sample + per_token * T + per_token_squared * T**2) + squared * b**2`` over the batch ``b``
-  and the tokens ``T`` (as many terms as the lengths and peaks measured so far can tell apart);
-  before two lengths are measured, the workload's own predictions (``predict_at``) say how memory
-  per sample scales with length. The model's limit at the next point is probed first, then the
-  batch above it: two probes and one OOM when the model is right. A guess the model cannot vouch
-  for is checked below first, and the first peak at a point pins that point's own memory per
-  sample, so the next guess aims with it.
+- **A memory model in tokens.** Where the workload predicts its peak (``predict_at``), each
+  length's predictions give a parabola in the batch (static memory, memory per sample, and what
+  curves with the batch), and the measured peaks scale its batch-dependent part: at a point, by
+  the ratio measured at its largest fit (and along the chord to an OOM that named its need);
+  before any probe there, by the ratio interpolated between the lengths measured (the larger of
+  the two where they disagree beyond one sample's memory; beyond the lengths measured, never
+  below 1). Without predictions, every peak at every point is fitted as ``static + b *
+  (per_sample + per_token * T + per_token_squared * T**2) + squared * b**2`` (as many terms as
+  the lengths and peaks measured tell apart). The model's limit at the next point is probed
+  first, then the batch above it: two probes and one OOM when the model is right. A guess no
+  measurement backs (the first point's) is checked below first, and the first peak at a point
+  anchors the next guess there.
 - **The order.** The longest point first (the worst case; from ``start`` or the predictions alone,
   or as the caller ``searched`` it), then the shortest, then each time the point farthest in
   tokens from those done, so that the model interpolates rather than extrapolates.
 
 When a few guesses at a point have not closed its bracket, ``find_max_batch`` finishes from there
-(started at the latest prediction, capped below the smallest OOM seen at that point), with the
-probes already made at the point answered again without running. Certification is that of
-``find_max_batch``, at every point: the answer was probed there and fit, and the next batch was
-probed there and ran out of memory (or the answer is the cap). The model and the bounds choose
-where to probe, never the answer. No torch here.
+(started at the largest fit there, else a longer point's maximum or ``start``; capped below the
+smallest OOM seen at that point), with the probes already made at the point answered again
+without running. Certification is that of ``find_max_batch``, at every point: the answer was
+probed there and fit, and the next batch was probed there and ran out of memory (or the answer is
+the cap). The model and the bounds choose where to probe, never the answer. No torch here.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, NoBatchFits, OutOfMemory, catch_oom
 from .bracket import Bracket, Probe
+from .guide import predicted_max_batch
 from .max_batch import find_max_batch
 from .memory_fit import MemoryFit, fit_columns
 from .tuning import DEFAULT, Tuning
@@ -44,10 +49,6 @@ PredictAt = Callable[[Point], Callable[[int], "int | None"]]
 
 #: Probes one point may spend on the model's guesses before find_max_batch takes over.
 GUESSES_PER_POINT = 6
-#: How far to trust a guess: probe it (MEASURED); probe this share of it first (SCALED: the
-#: workload's predictions scaled from one measured length, 1% off on the CPU Llama); or probe
-#: first where it surely fits, the maximum at a longer point (GUESSED: a bare prediction).
-MEASURED, SCALED, GUESSED = 1.0, 0.95, 0.0
 
 
 @dataclass
@@ -117,6 +118,41 @@ def search_order(points: Sequence[Point]) -> list[Point]:
 Line = tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The workload's predicted peak at one length: ``static + linear * b + squared * b**2``."""
+
+    static: float
+    linear: float
+    squared: float
+
+    def dynamic(self, batch: int) -> float:
+        return self.linear * batch + self.squared * batch * batch
+
+    def largest_within(self, room: float) -> int:
+        """The largest batch whose batch-dependent memory is at most ``room`` bytes."""
+        if room <= 0:
+            return 0
+        root = math.sqrt(self.linear * self.linear + 4 * self.squared * room)
+        return math.floor(2 * room / (self.linear + root))
+
+
+def predicted_shape(predict: Callable[[int], int | None], capacity: int, cap: int, min_batch: int) -> Shape | None:
+    """The parabola through the workload's predictions at ``min_batch``, its predicted maximum and
+    half-way (a line when the three bend the wrong way); None without predictions that grow."""
+    far = max(predicted_max_batch(predict, capacity, cap, smallest=min_batch) or 0, min_batch + 2)
+    middle = (min_batch + far) // 2
+    first, half, last = predict(min_batch), predict(middle), predict(far)
+    if first is None or half is None or last is None or last <= first:
+        return None
+    rising, later = (half - first) / (middle - min_batch), (last - half) / (far - middle)
+    squared = max(0.0, (later - rising) / (far - min_batch))
+    linear = rising - squared * (min_batch + middle) if squared else (last - first) / (far - min_batch)
+    if linear + squared * min_batch <= 0:   # memory must grow from the smallest batch on
+        return None
+    return Shape(first - linear * min_batch - squared * min_batch * min_batch, linear, squared)
+
+
 def local_limit(points: dict[int, int], capacity: int) -> int | None:
     """The limit that the peaks measured at one point give on their own, a parabola through three
     or more; None with fewer or without a usable fit."""
@@ -127,12 +163,15 @@ def local_limit(points: dict[int, int], capacity: int) -> int | None:
 
 
 class TokenMemory:
-    """Peak bytes against batch and tokens, fitted to every peak measured at every point, with the
-    workload's own predictions (where it has them) for the shape between lengths."""
+    """Peak bytes against batch and tokens from every peak measured at every point: the workload's
+    own predictions at each length (``shape_at``) scaled to the measured peaks where it predicts,
+    else a least-squares fit in tokens. An estimate is "measured" when it rests on a peak measured
+    here or at another length, not on a bare prediction."""
 
-    def __init__(self, prior: Callable[[int], Line | None] | None = None) -> None:
+    def __init__(self, shape_at: Callable[[int, int], Shape | None] | None = None, granularity: int = 0) -> None:
         self.peaks: dict[tuple[int, int], int] = {}   # (batch, tokens) -> peak bytes
-        self.prior = prior
+        self.shape_at = shape_at
+        self.granularity = granularity   # bytes an allocator block blurs a peak by
 
     def add(self, batch: int, tokens: int, peak: int) -> None:
         self.peaks[(batch, tokens)] = peak
@@ -140,6 +179,57 @@ class TokenMemory:
     @property
     def lengths(self) -> list[int]:
         return sorted({tokens for _, tokens in self.peaks})
+
+    def ratio(self, tokens: int, capacity: int) -> float | None:
+        """Measured over predicted batch-dependent memory at ``tokens``, from the largest batch measured
+        at each length: interpolated between the nearest lengths measured when they agree within
+        what one sample's memory and an allocator block blur, else the larger; beyond the lengths
+        measured, the nearest's, but not below 1 (a correction that lowers memory is not carried
+        past what was measured). None before any length with a prediction is measured."""
+        assert self.shape_at is not None
+        ratios: dict[int, tuple[float, float]] = {}   # tokens -> (ratio, blur)
+        for length in self.lengths:
+            shape = self.shape_at(length, capacity)
+            batch = max(b for b, t in self.peaks if t == length)
+            dynamic = shape.dynamic(batch) if shape is not None else 0.0
+            if shape is not None and dynamic > 0:
+                ratio = (self.peaks[(batch, length)] - shape.static) / dynamic
+                ratios[length] = ratio, ratio / batch + self.granularity / dynamic
+        below = [length for length in ratios if length <= tokens]
+        above = [length for length in ratios if length >= tokens]
+        if not below or not above:
+            nearest = [max(below)] if below else [min(above)] if above else []
+            return max(1.0, ratios[nearest[0]][0]) if nearest else None
+        shorter, longer = max(below), min(above)
+        (low, low_blur), (high, high_blur) = ratios[shorter], ratios[longer]
+        if shorter == longer or abs(high - low) > low_blur + high_blur:
+            return max(low, high)
+        return low + (high - low) * (tokens - shorter) / (longer - shorter)
+
+    def scaled_limit(self, tokens: int, capacity: int, local: dict[int, int],
+                     over: tuple[int, int] | None) -> tuple[int, bool] | None:
+        """The largest batch the workload's prediction at ``tokens``, scaled by the measured peaks,
+        puts within ``capacity``, and whether a measurement backs it; None without a prediction.
+
+        Anchored at the largest batch that fit here (``local``: batch -> peak; else at the predicted
+        static memory), scaled by the largest of the ratios measured: at the anchor, along the
+        chord to the OOM here that named its need (``over``: batch, bytes; a lower bound where the
+        need is the allocation that crossed), or, with nothing measured here, at the other lengths."""
+        shape = self.shape_at(tokens, capacity) if self.shape_at is not None else None
+        if shape is None:
+            return None
+        anchor = max(local, default=0)
+        base = local[anchor] if local else shape.static
+        ratios = [(base - shape.static) / shape.dynamic(anchor)] if local else []
+        if over is not None:
+            batch, needed = over
+            ratios.append((needed - base) / (shape.dynamic(batch) - shape.dynamic(anchor)))
+        measured = self.ratio(tokens, capacity) if not local else None
+        ratios += [] if measured is None else [measured]
+        ratio = max(ratios, default=1.0)
+        if not ratio > 0:
+            return None
+        return shape.largest_within(shape.dynamic(anchor) + (capacity - base) / ratio), bool(ratios)
 
     def fitted(self, tokens: int) -> Line | None:
         """(static, per sample, per sample squared) at ``tokens`` from the measured peaks: static +
@@ -164,47 +254,27 @@ class TokenMemory:
     def _at(solution: list[float], powers: tuple[int, ...], tokens: int, squared: float) -> Line:
         return solution[0], sum(term * tokens ** power for term, power in zip(solution[1:], powers)), squared
 
-    def estimate(self, tokens: int, local: dict[int, int]) -> tuple[Line, float] | None:
-        """(static, per sample) at ``tokens``, and how far to trust it (MEASURED: on peaks measured
-        here or at two lengths at least; SCALED; GUESSED). ``local`` holds the peaks measured at
-        this point (batch -> bytes)."""
-        lengths = self.lengths
-        fitted = self.fitted(tokens)
-        prior_at = self.prior
-        prior = prior_at(tokens) if prior_at is not None else None
-        static = fitted[0] if fitted is not None else prior[0] if prior is not None else None
-        squared = fitted[2] if fitted is not None else 0.0
-        if local and static is not None:
-            batch = max(local)
-            return (static, (local[batch] - static) / batch - squared * batch, squared), MEASURED
-        if fitted is None:
-            return (prior, GUESSED) if prior is not None else None
-        if len(lengths) < 3 and prior_at is not None and prior is not None:
-            # Too few lengths to fit the per-token-squared term: the workload's predictions say how
-            # memory per sample scales from the nearest length measured.
-            nearest = min(lengths, key=lambda measured: abs(measured - tokens))
-            reference, measured = prior_at(nearest), self.fitted(nearest)
-            if reference is not None and measured is not None:
-                scaled = (fitted[0], measured[1] * prior[1] / reference[1], squared)
-                return scaled, SCALED if len(lengths) == 1 else MEASURED
-        return fitted, MEASURED if len(lengths) >= 2 else GUESSED
-
-    def predicted_limit(self, tokens: int, capacity: int, local: dict[int, int]) -> tuple[int, float] | None:
-        """The largest batch predicted to fit ``capacity`` at ``tokens``, and how far to trust it
-        (see ``estimate``)."""
+    def fitted_limit(self, tokens: int, capacity: int, local: dict[int, int]) -> tuple[int, bool] | None:
+        """The largest batch the fit in tokens puts within ``capacity`` at ``tokens`` (a parabola
+        through the peaks here once there are three; the per-sample memory pinned by the largest
+        peak here once there is one), and whether it is measured (here, or at two lengths)."""
         local_only = local_limit(local, capacity)
         if local_only is not None:
-            return local_only, MEASURED
-        estimated = self.estimate(tokens, local)
-        if estimated is None:
+            return local_only, True
+        fitted = self.fitted(tokens)
+        if fitted is None:
             return None
-        (static, per_sample, squared), trust = estimated
+        static, per_sample, squared = fitted
+        if local:
+            batch = max(local)
+            per_sample = (local[batch] - static) / batch - squared * batch
         if not per_sample > 0 or not math.isfinite(per_sample):
             return None
+        measured = bool(local) or len(self.lengths) >= 2
         if squared > 0:   # static + per_sample * b + squared * b**2 = capacity, in the form that does not cancel
             root = math.sqrt(per_sample * per_sample + 4 * squared * max(capacity - static, 0.0))
-            return max(0, math.floor(2 * (capacity - static) / (per_sample + root))), trust
-        return max(0, math.floor((capacity - static) / per_sample)), trust
+            return max(0, math.floor(2 * (capacity - static) / (per_sample + root))), measured
+        return max(0, math.floor((capacity - static) / per_sample)), measured
 
 
 @dataclass
@@ -254,15 +324,23 @@ def find_frontier(probe_at: ProbeAt, points: Sequence[Point], *, cap: int = 8192
 
     ``probe_at(point)`` returns that point's ``probe(b)`` (peak bytes, or an OOM raised); ``start``
     is a predicted maximum batch at the longest point. ``predict_at(point)``, where the workload
-    predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), tells the model how
-    memory scales between lengths before two have been measured. ``searched`` holds points the
-    caller has already searched (their maximum batch and probes), taken as they are. Raises
-    NoBatchFits naming the point when ``min_batch`` does not fit there.
+    predicts its peak (``Workload.predict_peak_bytes``, None when it cannot), gives each length's
+    shape, which the measured peaks scale. ``searched`` holds points the caller has already
+    searched (their maximum batch and probes), taken as they are. Raises NoBatchFits naming the
+    point when ``min_batch`` does not fit there.
     """
     if not points:
         raise ConfigError("a frontier needs at least one (prompt_tokens, new_tokens) point")
     by_tokens = {sum(point): point for point in points}
-    memory = TokenMemory(None if predict_at is None else lambda tokens: _predicted_line(predict_at(by_tokens[tokens])))
+    shapes: dict[int, Shape | None] = {}
+
+    def shape_at(tokens: int, capacity: int) -> Shape | None:
+        if tokens not in shapes:
+            shapes[tokens] = None if predict_at is None else predicted_shape(predict_at(by_tokens[tokens]), capacity,
+                                                                              cap, min_batch)
+        return shapes[tokens]
+
+    memory = TokenMemory(shape_at, tuning.memory_granularity_bytes)
     capacity = capacity_bytes
     found: dict[Point, FrontierPoint] = {}
     for point in search_order(points):
@@ -295,50 +373,50 @@ def _guess(search: _PointSearch, memory: TokenMemory, lower: int | None, upper: 
     """Probe the model's limit at this point, then around it, until the bracket closes or
     GUESSES_PER_POINT probes are spent; returns the first prediction (None: the model had none).
 
-    Until a peak is measured here, a guess is checked below as far as it is trusted (see MEASURED),
-    and after an OOM at the maximum of a longer point (which fits here) or, without one, at
-    ``safety`` of the guess. The peak measured then pins this point's memory per sample.
+    A guess no measurement backs is checked below first: at the maximum of a longer point (which
+    fits here) or, without one, at ``safety`` of it. After an OOM here, the scaled prediction
+    aims with the need the OOM named; the fit in tokens cannot, and tries the longer point's
+    maximum once before find_max_batch takes over.
     """
     bracket, tokens = search.bracket, sum(search.point)
     first = None
     for _ in range(GUESSES_PER_POINT):
         if bracket.settled or bracket.capacity is None or (bracket.high or min_batch + 1) <= min_batch:
             break
-        predicted = _chord(search) or memory.predicted_limit(tokens, bracket.capacity, bracket.peaks)
+        scaled = memory.scaled_limit(tokens, bracket.capacity, bracket.peaks, _over(search))
+        predicted = scaled or _chord(search) or memory.fitted_limit(tokens, bracket.capacity, bracket.peaks)
         if predicted is None:
             break
-        guess, trust = predicted
+        guess, measured = predicted
         first = guess if first is None else first
-        if not bracket.low and bracket.high is not None:   # the first check ran out of memory
-            if lower is None or bracket.high <= lower or trust < SCALED:
+        if not bracket.low and bracket.high is not None and scaled is None:   # the first check ran out of memory
+            if lower is None or bracket.high <= lower or not measured:
                 break   # find_max_batch takes over
             guess = lower
-        elif not bracket.low and trust < MEASURED:
-            guess = max(lower or 0, int(guess * trust)) if trust else lower or int(guess * safety)
+        elif not bracket.low and not measured:
+            guess = lower or int(guess * safety)
         search.attempt(bracket.inside(min(max(guess, lower or min_batch, min_batch), upper)))
     return first
 
 
-def _chord(search: _PointSearch) -> tuple[int, float] | None:
+def _over(search: _PointSearch) -> tuple[int, int] | None:
+    """The smallest batch that ran out of memory here and the bytes it named as needed, if it did."""
+    bracket = search.bracket
+    error = search.seen.get(bracket.high) if bracket.high is not None else None
+    needed = error.needed_bytes if isinstance(error, OutOfMemory) else None
+    return None if bracket.high is None or needed is None else (bracket.high, needed)
+
+
+def _chord(search: _PointSearch) -> tuple[int, bool] | None:
     """Once a batch here ran out of memory naming what it needed: where the chord from the largest
     fit to it meets the capacity. Memory that curves up lies under its chords, so this fits when
     the OOM names the whole need (a simulated GPU does; a CPU budget names the allocation that
     crossed it, less than the peak, and the chord may then overshoot by a little)."""
-    bracket = search.bracket
-    error = search.seen.get(bracket.high) if bracket.high is not None else None
-    needed = error.needed_bytes if isinstance(error, OutOfMemory) else None
-    if not bracket.low or bracket.capacity is None or needed is None or bracket.high is None:
+    bracket, over = search.bracket, _over(search)
+    if not bracket.low or bracket.capacity is None or over is None:
         return None
+    batch, needed = over
     fit = bracket.peaks[bracket.low]
     if needed <= max(fit, bracket.capacity):
         return None
-    return bracket.low + math.floor((bracket.capacity - fit) * (bracket.high - bracket.low) / (needed - fit)), MEASURED
-
-
-def _predicted_line(predict: Callable[[int], int | None]) -> Line | None:
-    """(static, per sample) from a workload's predictions at batches 1 and 8; None without them."""
-    one, eight = predict(1), predict(8)
-    if one is None or eight is None or eight <= one:
-        return None
-    per_sample = (eight - one) / 7
-    return one - per_sample, per_sample, 0.0
+    return bracket.low + math.floor((bracket.capacity - fit) * (batch - bracket.low) / (needed - fit)), True
