@@ -13,9 +13,9 @@ frontier's maximum batch, whether an independent ``find_max_batch`` at that leng
 on the simulator, the true maximum), the probes and OOMs of both, and the totals. A script, not
 a pytest module.
 
-Measured (every length exact on both): ``--sim`` 11.71 probes per frontier against 28.14 (0.42),
-one OOM at every length (seeds 1-3 with ``--frontiers 500``: 0.42-0.44, one OOM each); with
-``--prediction-drift 0.3`` 14.21 against 28.50 (0.50), 1.06 OOMs per length, 63 of 1000 with two;
+Measured (every length exact on both): ``--sim`` 11.71 probes per frontier against 27.41 (0.43),
+one OOM at every length (seeds 1-3 with ``--frontiers 500``: 0.43-0.45, one OOM each); with
+``--prediction-drift 0.3`` 14.21 against 27.80 (0.51), 1.06 OOMs per length, 63 of 1000 with two;
 ``--cpu`` 14 probes against 17, one OOM per length.
 """
 
