@@ -167,10 +167,20 @@ def settings(config: pytest.Config) -> Settings | None:
                     rank_timeout_s=values["autobatch_rank_timeout"] or DEFAULT_RANK_TIMEOUT_S)
 
 
-def _rank_budget(budgets: tuple[int, ...] | None, distributed: bool, rank: int) -> int | None:
-    """This rank's budget: the only one given, or the rank's own from a list with one per rank."""
-    if budgets is None:
+def _rank_budget(given: int | str | tuple[int, ...] | None, distributed: bool, rank: int) -> int | None:
+    """This rank's budget: the only one given, or the rank's own from a list with one per rank.
+
+    A conftest may set the option itself before the plugin reads it (the main job's does): one
+    number of bytes, or text as on the command line, as well as the parsed tuple.
+    """
+    if given is None:
         return None
+    if isinstance(given, str):
+        try:
+            given = _argument_type(parse_budgets)(given)
+        except argparse.ArgumentTypeError as exc:
+            raise pytest.UsageError(f"--autobatch-memory-budget {given!r}: {exc}") from None
+    budgets = (given,) if isinstance(given, int) else tuple(given)
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
     if len(budgets) > 1 and len(budgets) != world_size:
         where = f"this torchrun job has {world_size} ranks" if distributed else "this is not a torchrun job"

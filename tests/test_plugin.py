@@ -417,6 +417,32 @@ def test_options_are_checked_at_start_up(project, args, message):
     result.stderr.fnmatch_lines([message])
 
 
+@pytest.mark.parametrize("budget", ["1 << 30", "'1GiB'", "(1 << 30,)"])
+def test_a_budget_a_conftest_sets_itself_is_taken(project, budget):
+    """As the main job's conftest does: the option set in pytest_configure, before the plugin reads it."""
+    project.makeconftest(f"""
+        import pytest
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_configure(config):
+            config.option.autobatch_memory_budget = {budget}
+    """)
+    project.runpytest(*SIM).assert_outcomes(passed=4)
+
+
+def test_a_budget_a_conftest_sets_itself_is_checked(project):
+    project.makeconftest("""
+        import pytest
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_configure(config):
+            config.option.autobatch_memory_budget = 1 << 60
+    """)
+    result = project.runpytest(*SIM)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--autobatch-memory-budget * is more than this machine's memory*"])
+
+
 def test_a_list_of_budgets_must_have_one_per_rank_of_the_torchrun_job(project, monkeypatch):
     for name, value in {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(name, value)
