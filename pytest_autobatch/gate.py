@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .devices.agreement import describe_ranks
 from .devices.base import stable_hash
 from .errors import ConfigError
 from .record import Remeasurement
@@ -124,7 +125,7 @@ def _oom_findings(entry: dict[str, Any], oom_batches: list[int], who: str,
         where = f"the stored {which} batch {batch} (recorded peak {format_bytes(recorded)})" if which \
             else f"batch {batch}"
         ranks = oom_ranks.get(batch)
-        on = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+        on = f" on {describe_ranks(ranks)}" if ranks else ""
         findings.append(Finding("oom", f"{who}: out of memory{on} at {where}; the model now needs more "
                                 f"memory or the device{'s' if ranks else ''} {'have' if ranks else 'has'} "
                                 "less free", True, _MEMORY_NEXT_STEP))

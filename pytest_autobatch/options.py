@@ -128,8 +128,14 @@ def add_options(parser: pytest.Parser) -> None:
 
 
 def option(config: pytest.Config, dest: str, parse: Callable[[str], Any] | None, default: Any) -> Any:
-    """The command-line value, else the ini value (validated the same way), else the default."""
+    """The command-line value, else the ini value (validated the same way), else the default.
+
+    A conftest may set the command-line value itself before the plugin reads it (the main job's
+    does): text is validated as if it had been typed, anything else is taken as already parsed.
+    """
     value = config.getoption(dest)
+    if isinstance(value, str) and parse not in (None, str):
+        return _parsed(parse, value, f"option {dest} = {value!r} (set by a conftest)")
     if value is not None:
         return value
     raw = config.getini(dest)
@@ -137,10 +143,14 @@ def option(config: pytest.Config, dest: str, parse: Callable[[str], Any] | None,
         return bool(raw)
     if raw in ("", None):
         return default
+    return _parsed(parse, raw, f"ini option {dest} = {raw!r}")
+
+
+def _parsed(parse: Callable[[str], Any], text: str, where: str) -> Any:
     try:
-        return _argument_type(parse)(raw)
+        return _argument_type(parse)(text)
     except argparse.ArgumentTypeError as exc:
-        raise pytest.UsageError(f"ini option {dest} = {raw!r}: {exc}") from None
+        raise pytest.UsageError(f"{where}: {exc}") from None
 
 
 def settings(config: pytest.Config) -> Settings | None:
@@ -167,19 +177,11 @@ def settings(config: pytest.Config) -> Settings | None:
                     rank_timeout_s=values["autobatch_rank_timeout"] or DEFAULT_RANK_TIMEOUT_S)
 
 
-def _rank_budget(given: int | str | tuple[int, ...] | None, distributed: bool, rank: int) -> int | None:
-    """This rank's budget: the only one given, or the rank's own from a list with one per rank.
-
-    A conftest may set the option itself before the plugin reads it (the main job's does): one
-    number of bytes, or text as on the command line, as well as the parsed tuple.
-    """
+def _rank_budget(given: int | tuple[int, ...] | None, distributed: bool, rank: int) -> int | None:
+    """This rank's budget: the only one given, or the rank's own from a list with one per rank
+    (a conftest that sets the option itself may give one number of bytes)."""
     if given is None:
         return None
-    if isinstance(given, str):
-        try:
-            given = _argument_type(parse_budgets)(given)
-        except argparse.ArgumentTypeError as exc:
-            raise pytest.UsageError(f"--autobatch-memory-budget {given!r}: {exc}") from None
     budgets = (given,) if isinstance(given, int) else tuple(given)
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
     if len(budgets) > 1 and len(budgets) != world_size:

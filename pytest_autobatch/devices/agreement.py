@@ -93,7 +93,8 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}"
 
 
-def _ranks(ranks: list[int]) -> str:
+def describe_ranks(ranks: list[int]) -> str:
+    """"rank 1" or "ranks 0, 2"."""
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
@@ -123,12 +124,12 @@ def agreed(exchange: Exchange, step: str, action: Callable[[], _Local],
     if failed:
         if own_error is not None and not is_oom_error(own_error):
             raise own_error
-        raise RankFailed(f"{_ranks(failed)} raised {outcomes[failed[0]].error} while {step}; every rank "
+        raise RankFailed(f"{describe_ranks(failed)} raised {outcomes[failed[0]].error} while {step}; every rank "
                          f"stopped (rank {failed[0]}'s output has the traceback)") from None
     ooms = [rank for rank, other in enumerate(outcomes) if other.kind == "oom"]
     if ooms:
         first = outcomes[ooms[0]]
-        raise RanksOutOfMemory(f"{step}: out of memory on {_ranks(ooms)} of {exchange.world_size} "
+        raise RanksOutOfMemory(f"{step}: out of memory on {describe_ranks(ooms)} of {exchange.world_size} "
                                f"({first.error})", ranks=ooms, batch=first.batch, needed_bytes=first.needed_bytes,
                                available_bytes=first.available_bytes, limit=first.limit) from own_error
     return local, [other.shared for other in outcomes]
@@ -171,7 +172,7 @@ class AgreedWorkload:
                      if stable_hash(fingerprint) != stable_hash(fingerprints[0])]
         if differing:
             self.inner.close()
-            raise RanksDiffer(f"rank 0 and {_ranks(differing)} were given different models or inputs "
+            raise RanksDiffer(f"rank 0 and {describe_ranks(differing)} were given different models or inputs "
                               f"({_fingerprint_difference(fingerprints[0], fingerprints[differing[0]])}): "
                               "every rank of a data-parallel job must search the same model on the same "
                               "per-sample inputs; build them the same way (same seed, config and shapes)")

@@ -271,10 +271,7 @@ class TokenMemory:
         if not per_sample > 0 or not math.isfinite(per_sample):
             return None
         measured = bool(local) or len(self.lengths) >= 2
-        if squared > 0:   # static + per_sample * b + squared * b**2 = capacity, in the form that does not cancel
-            root = math.sqrt(per_sample * per_sample + 4 * squared * max(capacity - static, 0.0))
-            return max(0, math.floor(2 * (capacity - static) / (per_sample + root))), measured
-        return max(0, math.floor((capacity - static) / per_sample)), measured
+        return Shape(static, per_sample, max(squared, 0.0)).largest_within(capacity - static), measured
 
 
 @dataclass
