@@ -26,9 +26,6 @@ DEFAULT_OPTIMAL_BAND = 0.03
 #: Raw samples the gate wants on each side: with 15 against 15 the rank test stays significant for
 #: a real drop even when a few baseline samples are slow outliers.
 GATE_SAMPLES = 15
-#: At most this many measure() calls to gather GATE_SAMPLES (a device may give few per call);
-#: twice as many for twice the samples when they are noisy.
-GATE_MEASURE_CALLS = 4
 
 #: Gate samples are measured this many times at most while the OS says the machine is busy, with
 #: this pause between tries: a neighbour's burst often passes within seconds.
@@ -105,19 +102,17 @@ class GateSamples:
     reference_parts: dict[str, list[float]] = field(default_factory=dict)
 
 
-def gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int) -> GateSamples:
-    """Paired samples at ``batch``: GATE_SAMPLES, or twice that when they are noisy.
+def gate_samples(measure_paired: Callable[[int, int], PairedSamples], batch: int) -> GateSamples:
+    """Paired samples at ``batch``: GATE_SAMPLES in one go (one warm-up), as many again when they are noisy.
 
     With a spread (IQR/median) above NOISY_SPREAD a few slow outliers can take a quarter of 15
     samples and hide a real drop from the rank test; 30 samples keep it significant.
     """
     collected = GateSamples()
-    for _ in range(2 * GATE_MEASURE_CALLS):
-        model = collected.model
-        noisy = len(model) >= GATE_SAMPLES and summarize(model).spread > NOISY_SPREAD
-        if len(model) >= (2 * GATE_SAMPLES if noisy else GATE_SAMPLES):
+    for _ in range(2):
+        if collected.model and summarize(collected.model).spread <= NOISY_SPREAD:
             break
-        paired = measure_paired(batch)
+        paired = measure_paired(batch, GATE_SAMPLES)
         collected.model.extend(paired.model)
         collected.reference.extend(paired.reference)
         for part, rates in paired.reference_parts.items():
@@ -148,7 +143,7 @@ def measure_until_steady(measure: Callable[[], _Result], busy: Callable[[_Result
     return result
 
 
-def steady_gate_samples(measure_paired: Callable[[int], PairedSamples], batch: int, *, attempts: int,
+def steady_gate_samples(measure_paired: Callable[[int, int], PairedSamples], batch: int, *, attempts: int,
                         pause_s: float, progress: Progress) -> GateSamples:
     """Gate samples, measured again after a pause while the OS says the machine was busy; the last
     attempt's samples, reasons included, when it stays busy."""

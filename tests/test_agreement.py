@@ -66,6 +66,17 @@ def on_every_rank(devices, job):
 MODEL = model_for_max_batch("h100", 700, weights_fraction=0.2, name="net")
 
 
+def test_the_job_is_timed_beside_each_part_of_the_reference_on_every_rank():
+    devices = [SimulatedDevice("h100", seed=rank) for rank in range(2)]
+    outcomes = on_every_rank(devices, lambda device: device.workload(MODEL).measure_paired(8, 6))
+    alone = [SimulatedDevice("h100", seed=rank).workload(MODEL).measure_paired(8, 6) for rank in range(2)]
+    for paired in outcomes:
+        assert paired.model == [a + b for a, b in zip(alone[0].model, alone[1].model)]
+        assert paired.reference_parts == {part: [a + b for a, b in zip(alone[0].reference_parts[part],
+                                                                        alone[1].reference_parts[part])]
+                                          for part in ("compute", "memory")}
+
+
 def test_the_agreed_maximum_is_the_smallest_ranks_exact_maximum_and_names_that_rank():
     small = 60 * GIB
     devices = [SimulatedDevice("h100", seed=rank, capacity_bytes=small if rank == 1 else None) for rank in range(3)]

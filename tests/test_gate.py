@@ -7,7 +7,7 @@ import pytest
 from pytest_autobatch.devices.simulated import SimulatedModel, simulated_device
 from pytest_autobatch.errors import OutOfMemory
 from pytest_autobatch.gate import check_entry
-from pytest_autobatch.record import Remeasurement, record_entry, remeasure
+from pytest_autobatch.record import GATE_SAMPLES, Remeasurement, gate_samples, record_entry, remeasure
 
 # FLOPs / 16: the simulated profiles use FP32 peaks since issue 15, about 1/16 of the FP16 ones.
 MODEL = SimulatedModel("toy", weights_bytes=2_000_000_000, activation_bytes_per_sample=50_000_000,
@@ -62,6 +62,19 @@ def test_unchanged_rerun_passes_the_gate():
     now, check = gate(recorded())
     assert not check.failed and now.oom_batches == []
     assert abs(check.change) < 0.10 and len(now.throughput_samples) >= 15
+
+
+@pytest.mark.parametrize("noise, calls, samples", [(0.01, 1, 15), (0.3, 2, 30)])
+def test_gate_samples_are_taken_in_one_go_and_doubled_only_when_noisy(noise, calls, samples):
+    workload = simulated_device("sim:h100", timing_noise=noise).workload(MODEL)
+    asked = []
+
+    def measure_paired(batch, blocks):
+        asked.append(blocks)
+        return workload.measure_paired(batch, blocks)
+    gate = gate_samples(measure_paired, 64)
+    assert asked == [GATE_SAMPLES] * calls
+    assert len(gate.model) == len(gate.reference) == len(gate.reference_parts["memory"]) == samples
 
 
 def test_slower_model_is_a_throughput_regression_naming_model_hardware_numbers_and_next_step():

@@ -201,9 +201,9 @@ class CountingDevice(SimulatedDevice):
         workload = super().workload(model, example_input, mode=mode, **options)
         measure_paired = workload.measure_paired
 
-        def counted(batch):
+        def counted(batch, blocks):
             self.paired += 1
-            return measure_paired(batch)
+            return measure_paired(batch, blocks)
         workload.measure_paired = counted
         return workload
 
@@ -271,8 +271,8 @@ def test_a_regression_a_second_measurement_does_not_show_is_inconclusive(tmp_pat
         made = workload(model, example_input, mode=mode, **options)
         measure_paired = made.measure_paired
 
-        def measured(batch):
-            samples = measure_paired(batch)
+        def measured(batch, blocks):
+            samples = measure_paired(batch, blocks)
             if passing.paired == quiet.paired:
                 passing.slowdown = 1.0    # what slowed the first measurement has passed
             return samples

@@ -333,6 +333,19 @@ def test_train_step_uses_the_loss_and_optimizer_and_updates_weights():
     assert model[0].weight.grad is None
 
 
+def test_paired_samples_are_the_blocks_asked_for_after_one_warm_up_whatever_the_budget():
+    steps = []
+    model = torch.nn.Linear(4, 2)
+    model.register_forward_hook(lambda *_: steps.append(1))
+    workload = CpuDevice().workload(model, torch.randn(1, 4), timing=FAST)   # FAST: 3 blocks
+    steps.clear()   # the checks on the example input ran it
+    paired = workload.measure_paired(4, 7)
+    assert len(paired.model) == len(paired.reference) == 7
+    assert {part: len(rates) for part, rates in paired.reference_parts.items()} == {"compute": 7, "memory": 7}
+    block = (len(steps) - FAST.warmup_iterations) // 7
+    assert block >= 1 and len(steps) == FAST.warmup_iterations + 7 * block
+
+
 def test_measure_leaves_the_thread_count_alone():
     threads = torch.get_num_threads()
     workload = CpuDevice().workload(torch.nn.Linear(4, 2), torch.randn(1, 4), timing=FAST)

@@ -226,13 +226,15 @@ class AgreedWorkload:
     def measure(self, batch: int) -> list[float]:
         return _job_samples(self._agreed(f"timing batch {batch}", lambda: self.inner.measure(batch)))
 
-    def measure_paired(self, batch: int) -> PairedSamples:
+    def measure_paired(self, batch: int, blocks: int) -> PairedSamples:
         paired: list[PairedSamples] = self._agreed(f"timing batch {batch} beside the reference",
-                                                   lambda: self.inner.measure_paired(batch))
+                                                   lambda: self.inner.measure_paired(batch, blocks))
         unsteady = [f"rank {rank}: {reason}" for rank, samples in enumerate(paired) for reason in samples.unsteady]
+        parts = {part: _job_samples([samples.reference_parts.get(part, []) for samples in paired])
+                 for part in paired[0].reference_parts}
         return PairedSamples(_job_samples([samples.model for samples in paired]),
                              _job_samples([samples.reference for samples in paired]), unsteady,
-                             paired[0].reference_kind)
+                             paired[0].reference_kind, parts)
 
     def limited_by(self) -> list[int] | None:
         """The ranks that ran out of memory just above the largest batch that fit on all: the ranks

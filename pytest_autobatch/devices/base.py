@@ -61,8 +61,9 @@ class Workload(Protocol):
     def measure(self, batch: int) -> list[float]:
         """Raw throughput samples in samples per second at ``batch`` (one per timed block)."""
 
-    def measure_paired(self, batch: int) -> PairedSamples:
-        """Throughput samples at ``batch`` with the device's reference timed beside each (for the gate)."""
+    def measure_paired(self, batch: int, blocks: int) -> PairedSamples:
+        """``blocks`` throughput samples at ``batch`` after one warm-up, with the device's reference
+        timed beside each (the gate's samples, taken in one go)."""
 
     def extras(self, batch: int) -> dict[str, Any]:
         """Optional figures at ``batch`` (energy per sample, FLOPs per sample, ...); {} when none."""

@@ -332,21 +332,24 @@ class SimulatedWorkload:
         return batch / self.step_time_s(batch)
 
     def measure(self, batch: int) -> list[float]:
+        return self._samples(batch, self.device.repeats)
+
+    def _samples(self, batch: int, count: int) -> list[float]:
         self._run(batch)
         seconds = self.step_time_s(batch)
         samples = []
-        for _ in range(self.device.repeats):
+        for _ in range(count):
             factor = max(0.5, 1 + self._rng.gauss(0, self.device.timing_noise))
             if self.device.timing_noise and self._rng.random() < 0.05:  # a slow outlier (clocks, another process)
                 factor *= 1.25
             samples.append(batch / (seconds * factor))
         return samples
 
-    def measure_paired(self, batch: int) -> PairedSamples:
+    def measure_paired(self, batch: int, blocks: int) -> PairedSamples:
         """The samples with the reference's parts' rates beside each: the machine's speed moves the
         model and both parts, its memory speed the memory part (and memory-bound steps), the
         model's own ``slowdown`` only the model."""
-        samples = self.measure(batch)
+        samples = self._samples(batch, blocks)
         speeds = {"compute": self.device.machine_speed,
                   "memory": self.device.machine_speed * self.device.memory_speed}
         rates = [{part: REFERENCE_UNITS_PER_S * speed * max(0.5, 1 + self._rng.gauss(0, self.device.timing_noise))

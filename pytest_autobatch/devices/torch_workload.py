@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -560,11 +561,12 @@ class TorchWorkload:
     def measure(self, batch: int) -> list[float]:
         return self._timed(batch, meter=self.backend.energy_meter()).samples
 
-    def measure_paired(self, batch: int) -> PairedSamples:
+    def measure_paired(self, batch: int, blocks: int) -> PairedSamples:
         if self._reference is None:
             self._reference = make_reference(self.backend.torch_device, self.compute_dtype())
         watch = self.backend.watch()
-        timing = self._timed(batch, meter=None, reference=self._reference)
+        timing = self._timed(batch, meter=None, reference=self._reference,
+                             budget=replace(self.timing, min_blocks=blocks, max_blocks=blocks))
         return PairedSamples(timing.samples, timing.reference, watch.reasons(),
                              describe_reference(self.backend.torch_device.type, self.compute_dtype()),
                              timing.reference_parts)
@@ -572,13 +574,13 @@ class TorchWorkload:
     def compute_dtype(self) -> torch.dtype:
         return self.autocast_dtype or next((p.dtype for p in self.model.parameters()), torch.float32)
 
-    def _timed(self, batch: int, *, meter: Meter | None,
-               reference: dict[str, Callable[[], None]] | None = None) -> Timing:
+    def _timed(self, batch: int, *, meter: Meter | None, reference: dict[str, Callable[[], None]] | None = None,
+               budget: TimingBudget | None = None) -> Timing:
         self.ensure_steady_state()
         before = self.backend.allocated_bytes()
         step = partial(self.step, self.source.build(batch))
         with catch_oom() as caught:
-            timing = measure_throughput(step, batch, budget=self.timing, sync=self.backend.synchronize,
+            timing = measure_throughput(step, batch, budget=budget or self.timing, sync=self.backend.synchronize,
                                         meter=meter, reference=reference)
         del step   # the batch it holds goes before the memory check after an OOM
         if caught.error is not None:
