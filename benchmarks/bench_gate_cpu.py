@@ -8,7 +8,8 @@ Baselines are recorded once, on the quiet machine, for two real models (torchvis
 condition then re-measures them ``--runs`` times unchanged and ``--runs`` times with the model's
 forward slowed by 15% (the same module and parameters; after each forward the CPU spins for 15% of
 its time, so the slowdown is the same on any machine; the table gives what it measured, side by
-side), in a fresh process:
+side), each run in a fresh process that builds the models again, as each CI run does (runs in
+one process share its memory placement and speed, and their verdicts are not independent):
 
 - quiet: nothing else running;
 - busy: two busy loops on the two cores (a noisy neighbour);
@@ -76,7 +77,8 @@ def benchmark_rule_fails(stored: list[float], now: list[float]) -> bool:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One condition, in its own process: record (quiet) or re-measure and gate."""
+    """In a process of its own: record (quiet), or one re-measurement of each model, unchanged and
+    slowed, through the gate."""
     if args.cgroup:
         Path(args.cgroup, "cgroup.procs").write_text(str(os.getpid()))
     if args.one_core:
@@ -107,23 +109,21 @@ def worker(args: argparse.Namespace) -> None:
                 slow_down(model)
             workload = device.workload(model, example, timing=TIMING)
             entry = entries[name]
-            for _ in range(args.runs):
-                now = remeasure(device, workload, entry)
-                verdict = check_entry(entry, now, hardware="cpu")
-                if verdict.regressed:   # as the plugin does: measured again to confirm it
-                    verdict = confirmed(verdict, check_entry(entry, remeasure(device, workload, entry),
-                                                             hardware="cpu"))
-                kind = ("failed" if verdict.failed else "inconclusive" if verdict.inconclusive else "passed")
-                rows.append({"model": name, "slowed": slowed, "verdict": kind, "change": verdict.change,
-                             "raw_change": verdict.raw_change, "machine_speed": verdict.machine_speed,
-                             "benchmark_fails": benchmark_rule_fails(entry["throughput_samples"],
-                                                                     now.throughput_samples),
-                             "unsteady": now.unsteady})
+            now = remeasure(device, workload, entry)
+            verdict = check_entry(entry, now, hardware="cpu")
+            if verdict.regressed:   # as the plugin does: measured again to confirm it
+                verdict = confirmed(verdict, check_entry(entry, remeasure(device, workload, entry), hardware="cpu"))
+            kind = ("failed" if verdict.failed else "inconclusive" if verdict.inconclusive else "passed")
+            rows.append({"model": name, "slowed": slowed, "verdict": kind, "change": verdict.change,
+                         "raw_change": verdict.raw_change, "machine_speed": verdict.machine_speed,
+                         "benchmark_fails": benchmark_rule_fails(entry["throughput_samples"], now.throughput_samples),
+                         "unsteady": now.unsteady})
             workload.close()
     Path(args.out).write_text(json.dumps(rows))
 
 
-def run_condition(name: str, common: list[str], out: Path) -> list[dict[str, Any]]:
+def run_condition(name: str, common: list[str], out: Path, runs: int) -> list[dict[str, Any]]:
+    """``runs`` re-measurements under the condition, each in a fresh worker process."""
     extra: list[str] = []
     neighbours: list[subprocess.Popen[bytes]] = []
     if name == "busy":
@@ -135,15 +135,18 @@ def run_condition(name: str, common: list[str], out: Path) -> list[dict[str, Any
         extra = ["--cgroup", str(CGROUP)]
     if name == "one core":
         extra = ["--one-core"]
+    rows: list[dict[str, Any]] = []
     try:
-        subprocess.run([sys.executable, __file__, "--worker", "--out", str(out), *common, *extra], check=True)
+        for _ in range(runs):
+            subprocess.run([sys.executable, __file__, "--worker", "--out", str(out), *common, *extra], check=True)
+            rows += json.loads(out.read_text())
     finally:
         for neighbour in neighbours:
             neighbour.kill()
         if name == "quota 50%":
             time.sleep(0.5)
             CGROUP.rmdir()
-    return json.loads(out.read_text())
+    return rows
 
 
 def share(rows: list[dict[str, Any]], key: str, value: Any) -> str:
@@ -196,14 +199,14 @@ def main() -> None:
     conditions = [c for c in args.conditions if c != "quota 50%" or os.access(CGROUP.parent, os.W_OK)]
     with tempfile.TemporaryDirectory() as folder:
         entries = Path(folder) / "entries.json"
-        common = ["--entries", str(entries), "--runs", str(args.runs), "--models", *args.models]
+        common = ["--entries", str(entries), "--models", *args.models]
         began = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--worker", "--record", *common], check=True)
         print(f"baselines recorded on the quiet machine in {time.perf_counter() - began:.0f} s")
         results = {}
         for index, condition in enumerate(conditions):
             began = time.perf_counter()
-            results[condition] = run_condition(condition, common, Path(folder) / f"{index}.json")
+            results[condition] = run_condition(condition, common, Path(folder) / f"{index}.json", args.runs)
             print(f"{condition}: {time.perf_counter() - began:.0f} s", flush=True)
     print()
     print("\n".join(table(results)))

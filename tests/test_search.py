@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pytest_autobatch.devices.simulated import SimulatedDevice, SimulatedModel, model_for_max_batch
 from pytest_autobatch.errors import ConfigError, NoBatchFits, OutOfMemory
 from pytest_autobatch.search import DEFAULT, Probe, find_max_batch, find_optimal_batch, predicted_max_batch
+from pytest_autobatch.search.optimal_batch import _decide_best, _ThroughputSweep
 from pytest_autobatch.strategies import simulated_models, simulated_workloads
 
 SEARCH = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -477,3 +478,24 @@ def test_the_optimal_search_measures_nothing_below_the_minimum_batch(modelled):
         find_optimal_batch(measure, max_batch=2, min_batch=3)
     with pytest.raises(ConfigError, match="cap must be an integer >= 3"):
         find_max_batch(lambda batch: batch, cap=2, min_batch=3)
+
+
+@pytest.mark.parametrize("again, measured, best", [
+    ({64: [[101]], 32: [[95]]}, [64, 32], 64),                         # the rival falls out of the margin
+    ({64: [[99], [99]], 32: [[103], [103]]}, [64, 32, 32, 64], 32),    # it overtakes, and stays ahead
+    ({64: [[101], [101]], 32: [[100], [100]]}, [64, 32, 64, 32], 64),  # still close after the last round
+])
+def test_a_close_call_measures_the_best_and_its_rival_again_for_a_few_rounds(again, measured, best):
+    first = {32: [100.0], 64: [101.0], 8: [60.0]}
+    calls = []
+
+    def measure(batch, call):
+        calls.append(batch)
+        return first[batch] if call == 0 else again[batch][call - 1]
+
+    sweep = _ThroughputSweep(measure, None)
+    for batch in first:
+        sweep.run(batch)
+    calls.clear()
+    _decide_best(sweep, margin=0.02, rounds=2)
+    assert calls == measured and sweep.best() == best
