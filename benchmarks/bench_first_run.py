@@ -13,7 +13,10 @@ llama-int8"`` for a checkout from before that model). Run it under ``chrt -f 10`
 machine. A script, not a pytest module.
 
 Measured on the 2-core VM, the version the search issues were filed against (``5d7137f``) then
-``5a8277f``, six models: 623 s and 505 s (0.81x); probes 27 and 10, measurements 88 and 44.
+``5a8277f``, six models: 623 s and 505 s (0.81x); probes 27 and 10, measurements 88 and 44. In a
+later session, ``5d7137f``, ``145df72`` and ``aa70a4d`` back to back: 669 s, 680 s and 486 s
+(probes 27, 12, 10; measurements 86, 58, 42): one checkout's first run moves by a fifth between
+runs here, with the number of close calls its noise makes the search measure again.
 """
 
 from __future__ import annotations

@@ -102,6 +102,17 @@ def test_slower_machine_is_not_a_regression_but_a_slower_model_on_it_is():
     assert slower == pytest.approx(2.5, abs=0.1)
 
 
+def test_a_drop_a_faster_machine_can_explain_is_inconclusive_not_a_failure():
+    """1.6x faster since the recording, the model 1.25x slower: -20% relative to the reference but
+    +28% raw. A model that follows the machine only partly reads the same, so it is not judged."""
+    _, faster = gate(recorded(), machine_speed=1.6, slowdown=1.25)
+    assert kinds(faster.findings) == [("inconclusive", False)]
+    assert re.search(r"the machine's speed changed by more than the tolerance since the recording \(compute 1\.6\dx, "
+                     r"memory 1\.6\dx\).*from none of it \(raw \+2\d\.\d%\) to all of it", faster.findings[0].message)
+    _, slower_raw_too = gate(recorded(), machine_speed=1.6, slowdown=2.0)   # -20% raw as well: the model's
+    assert kinds(slower_raw_too.findings) == [("throughput_regression", True)]
+
+
 def test_a_busy_machine_makes_throughput_inconclusive_but_still_fails_on_memory():
     entry = recorded()
     _, busy = gate(entry, slowdown=1.5, unsteady=("its threads waited for a CPU 120% of the time",))
