@@ -182,7 +182,7 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
     slower host, lower clocks); the rank test runs on those ratios. Without usable reference
     samples the raw samples are compared, and the message says why. When the OS or the
     reference's own spread says the timings cannot be trusted, the verdict is inconclusive; when
-    the reference's parts changed unevenly, see ``_uneven_verdict``.
+    the machine's speed moved since the recording, see ``_machine_moved_verdict``.
     """
     batch = entry["optimal_batch"]
     raw = compare_throughput(entry["throughput_samples"], now.throughput_samples, tolerance)
@@ -207,9 +207,9 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
                    f"{relative.current.count} pairs; {_machine_speed(speed)}{_parts_figures(parts)})")
         unsteady = list(now.unsteady) + _reference_unsteady(stored_reference, now.reference_samples)
         if parts and not unsteady:
-            comparison, uneven = _uneven_verdict(parts, relative, raw, tolerance)
-            if uneven:
-                unsteady, advice = uneven, ("If this machine keeps running like this, record its own baselines "
+            comparison, moved = _machine_moved_verdict(parts, relative, raw, tolerance)
+            if moved:
+                unsteady, advice = moved, ("If this machine keeps running like this, record its own baselines "
                                             "with pytest --autobatch --autobatch-update")
     if unsteady:
         finding = Finding(
@@ -267,7 +267,7 @@ def _parts_figures(parts: dict[str, _PartComparison]) -> str:
                                      for part, comparison in parts.items())
 
 
-def _uneven_verdict(parts: dict[str, _PartComparison], whole: ThroughputComparison, raw: ThroughputComparison,
+def _machine_moved_verdict(parts: dict[str, _PartComparison], whole: ThroughputComparison, raw: ThroughputComparison,
                     tolerance: float) -> tuple[ThroughputComparison, list[str]]:
     """The comparison to judge by, and why it cannot be judged (empty: it can).
 
@@ -277,19 +277,23 @@ def _uneven_verdict(parts: dict[str, _PartComparison], whole: ThroughputComparis
     parts moved, apart or together, by more than the tolerance since the recording, only a change
     beyond all of these is the model's: a regression (or improvement) relative to every part and
     in raw terms is judged as such, by the one that explains the most; one beyond some of them only
-    is inconclusive, named. On this project's 2-core VM a model's speed followed the reference's
-    anywhere from half to one and a half times as much, and judging by the reference alone failed an
-    unchanged transformer twice in ten fresh runs once the machine ran 1.57x its recording's speed.
+    is inconclusive, named. (On this project's 2-core VM models followed the reference from half to
+    one and a half times as much, and the reference alone failed an unchanged model on a machine
+    read 1.57x.)
     """
     speeds = [comparison.speed for comparison in parts.values()]
-    if max(speeds + [1.0]) / min(speeds + [1.0]) - 1 <= tolerance:
+
+    def apart(values: list[float]) -> bool:
+        return max(values) / min(values) - 1 > tolerance
+
+    if not apart(speeds + [1.0]):   # 1.0: the recording machine's own speed
         return whole, []
     relatives = [comparison.relative for comparison in parts.values()] + [raw]
     verdicts = {relative.verdict for relative in relatives}
     charitable = min(relatives, key=lambda relative: abs(relative.change))
     if verdicts in ({"regression"}, {"improvement"}) or "regression" not in verdicts:
         return charitable, []
-    how = "unevenly" if max(speeds) / min(speeds) - 1 > tolerance else "by more than the tolerance"
+    how = "unevenly" if apart(speeds) else "by more than the tolerance"
     moved = ", ".join(f"{part} {comparison.speed:.2f}x" for part, comparison in parts.items())
     return charitable, [f"the machine's speed changed {how} since the recording ({moved}), and the "
                         f"throughput's change lies within what that alone can explain, from none of it (raw "

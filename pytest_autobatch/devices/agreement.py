@@ -230,7 +230,7 @@ class AgreedWorkload:
         paired: list[PairedSamples] = self._agreed(f"timing batch {batch} beside the reference",
                                                    lambda: self.inner.measure_paired(batch, blocks))
         unsteady = [f"rank {rank}: {reason}" for rank, samples in enumerate(paired) for reason in samples.unsteady]
-        parts = {part: _job_samples([samples.reference_parts.get(part, []) for samples in paired])
+        parts = {part: _job_samples([samples.reference_parts[part] for samples in paired])
                  for part in paired[0].reference_parts}
         return PairedSamples(_job_samples([samples.model for samples in paired]),
                              _job_samples([samples.reference for samples in paired]), unsteady,
