@@ -36,7 +36,14 @@ FAST = {"warmup_s": 0.0, "warmup_iterations": 1, "block_s": 0.005, "min_blocks":
 SLOW_START_S = 30
 
 MODEL = '''
+import os
 import torch
+
+
+def report(line):
+    """One write for the whole line: two ranks share one pipe, and print's two writes (the text,
+    then the newline) let the other rank's report land between them on the same line."""
+    os.write(1, (line + "\\n").encode())
 
 
 def make_model():
@@ -45,7 +52,7 @@ def make_model():
 '''
 
 JOB = MODEL + f'''
-import json, os, signal, sys, time
+import json, signal, sys, time
 from pytest_autobatch import agreed_batch
 
 FAST = {FAST!r}
@@ -65,7 +72,7 @@ def loss(output, inputs):
         if trouble == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if trouble == "hang":
-            print(f"HANGING rank {{rank}} at {{time.time()}}", flush=True)
+            report(f"HANGING rank {{rank}} at {{time.time()}}")
             time.sleep(3600)
     return output.sum()
 
@@ -75,13 +82,13 @@ try:
                           memory_budget=int(budgets.split(",")[rank]), loss_fn=loss, timing=FAST,
                           timeout_s=timeout_s)
 except Exception as error:
-    print(f"STOPPED rank {{rank}} {{type(error).__name__}}: {{error}}", flush=True)
+    report(f"STOPPED rank {{rank}} {{type(error).__name__}}: {{error}}")
     if type(error).__name__ == "RankFailed":
         time.sleep(5)   # torchrun stops the job when a rank exits: let the failing rank report first
     sys.exit(1)
-print("AGREED " + json.dumps({{"rank": rank, "optimal": result.optimal_batch, "max": result.max_batch,
-                              "limited_by": result.limited_by, "world_size": result.world_size,
-                              "synchronised_step": result.synchronised_step}}), flush=True)
+report("AGREED " + json.dumps({{"rank": rank, "optimal": result.optimal_batch, "max": result.max_batch,
+                               "limited_by": result.limited_by, "world_size": result.world_size,
+                               "synchronised_step": result.synchronised_step}}))
 '''
 
 
@@ -197,7 +204,7 @@ PROJECT = MODEL + f'''
 
 def test_mlp(optimal_batch):
     result = optimal_batch(make_model(), torch.rand(1, 64), mode="train", name="mlp", timing={FAST!r})
-    print(f"RESULT {{result.status}} {{result.optimal_batch}} {{result.max_batch}} {{result.hardware_key}}")
+    report(f"RESULT {{result.status}} {{result.optimal_batch}} {{result.max_batch}} {{result.hardware_key}}")
 '''
 
 CONFTEST = '''
