@@ -210,7 +210,7 @@ def _throughput_verdict(entry: dict[str, Any], now: Remeasurement, who: str, tol
             comparison, moved = _machine_moved_verdict(parts, relative, raw, tolerance)
             if moved:
                 unsteady, advice = moved, ("If this machine keeps running like this, record its own baselines "
-                                            "with pytest --autobatch --autobatch-update")
+                                           "with pytest --autobatch --autobatch-update")
     if unsteady:
         finding = Finding(
             "inconclusive", f"{who}: throughput inconclusive: {'; '.join(unsteady)}. Measured {figures}. "
@@ -268,7 +268,7 @@ def _parts_figures(parts: dict[str, _PartComparison]) -> str:
 
 
 def _machine_moved_verdict(parts: dict[str, _PartComparison], whole: ThroughputComparison, raw: ThroughputComparison,
-                    tolerance: float) -> tuple[ThroughputComparison, list[str]]:
+                           tolerance: float) -> tuple[ThroughputComparison, list[str]]:
     """The comparison to judge by, and why it cannot be judged (empty: it can).
 
     A model's time is spent partly computing, partly moving memory and partly in what neither part
